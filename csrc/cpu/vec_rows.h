@@ -1,0 +1,45 @@
+// Interface of the vectorised CPU row kernels.
+//
+// The kernels are compiled once per instruction set (vec_rows_{avx512,avx2,base}.cpp, each
+// including vec_rows_impl.h under its own `#pragma GCC target`) and chosen at run time from the
+// CPU in use, so the build never needs -march=native and never runs an instruction the machine
+// lacks.  This header is plain C++ with no inline code, so it is safe to include from both the
+// ISA-specific translation units and the ordinary ones.
+#pragma once
+
+#include <stdint.h>
+
+namespace xent_cpu {
+
+enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// y = scale * x, or softcap * tanh(scale * x / softcap) when softcap > 0 (-inf stays -inf).
+struct VecTransform {
+  float scale;
+  float softcap;
+};
+
+struct RowStats {
+  float max;      // max_j y_j
+  float sum;      // sum_j exp(y_j - max)
+  float dot_ref;  // sum_j w_j (y_j - ref) when asked for, else 0
+};
+
+struct VecKernels {
+  const char* name;
+  // One pass over a contiguous row of n logits: chunk by chunk, the chunk's max (from L1) and
+  // then its sum of exp relative to the running max: one exp per element.  With want_dot, also
+  // the weighted sum of (y_j - ref); w == nullptr means unit weights.
+  RowStats (*stats)(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w,
+                    bool want_dot, float ref);
+  // g_j = (a * exp(y_j - lse) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
+  void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
+               float b, const float* w);
+};
+
+// Each returns nullptr when the build or the platform has no such path.
+const VecKernels* kernels_avx512();
+const VecKernels* kernels_avx2();
+const VecKernels* kernels_base();
+
+}  // namespace xent_cpu

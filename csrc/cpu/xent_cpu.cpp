@@ -1,0 +1,209 @@
+// CPU kernels of the forward op and of scale_grad_.
+//
+// Rows are split across threads with at::parallel_for.  Contiguous rows (S == 1) of float32,
+// float16 and bfloat16 with class-index targets take the vectorised row kernels (vec_rows.h);
+// everything else (float64, K-dim inputs whose classes are strided, probability targets) takes
+// the scalar path below, which is the shared row math (xent_row.h) applied element by element.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <limits>
+
+#include "../xent_forward.h"
+#include "../xent_row.h"
+#include "../xent_row_strided.h"
+#include "cpu_isa.h"
+
+namespace xent {
+namespace {
+
+constexpr int64_t kNoBadTarget = std::numeric_limits<int64_t>::min();
+
+// Records the first out-of-range target seen by any thread; the caller raises after the loop
+// (an exception must not escape a parallel region half-way).
+struct BadTarget {
+  std::atomic<int64_t> value{kNoBadTarget};
+  void record(int64_t t) {
+    int64_t none = kNoBadTarget;
+    value.compare_exchange_strong(none, t);
+  }
+};
+
+// Classifies a class-index target: valid, ignored, or out of range (then recorded and treated
+// as ignored, so nothing is read out of bounds).
+inline bool target_is_valid(int64_t t, const RowOptions& o, BadTarget& bad) {
+  if (t == o.ignore_index) return false;
+  if (t < 0 || t >= o.num_classes) {
+    bad.record(t);
+    return false;
+  }
+  return true;
+}
+
+template <typename acc>
+acc total_of(const acc* w, int64_t n) {
+  if (w == nullptr) return acc(n);
+  acc s = 0;
+  for (int64_t j = 0; j < n; ++j) s += w[j];
+  return s;
+}
+
+// ---- scalar path: any dtype, classes strided by S (xent_row_strided.h) -----------------------
+template <typename scalar_t>
+void rows_scalar(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
+  using acc = acc_t<scalar_t>;
+  const RowOptions& o = a.opt;
+  const int64_t C = o.num_classes, S = a.input.size(2);
+  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
+  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  StridedRow<scalar_t, acc> row{};
+  row.stride = S;
+  row.w = a.weight.defined() ? a.weight.const_data_ptr<acc>() : nullptr;
+  row.w_sum = total_of(row.w, C);
+  row.grad_scale = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<acc>() : acc(1);
+  acc* loss_out = a.loss_rows.mutable_data_ptr<acc>();
+  acc* lse_out = a.lse.mutable_data_ptr<acc>();
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t base = (r / S) * C * S + r % S;  // 64-bit offsets throughout
+    row.x = X + base;
+    row.g = G ? G + base : nullptr;
+    if (a.prob_target) {
+      loss_out[r] = prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o,
+                                     &lse_out[r]);
+    } else {
+      const int64_t t = a.target.const_data_ptr<int64_t>()[r];
+      loss_out[r] = index_row_strided(row, t, target_is_valid(t, o, bad), o, &lse_out[r]);
+    }
+  }
+}
+
+// ---- vectorised path: contiguous rows of float32 / float16 / bfloat16 -----------------------
+template <typename scalar_t>
+xent_cpu::Dtype vec_dtype();
+template <>
+xent_cpu::Dtype vec_dtype<float>() {
+  return xent_cpu::Dtype::f32;
+}
+template <>
+xent_cpu::Dtype vec_dtype<at::Half>() {
+  return xent_cpu::Dtype::f16;
+}
+template <>
+xent_cpu::Dtype vec_dtype<at::BFloat16>() {
+  return xent_cpu::Dtype::bf16;
+}
+
+template <typename scalar_t>
+void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
+  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
+  const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
+  const RowOptions& o = a.opt;
+  const int64_t C = o.num_classes;
+  const xent_cpu::VecTransform tr{o.logit_scale, o.softcap};
+  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
+  const int64_t* T = a.target.const_data_ptr<int64_t>();
+  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
+  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
+  const float w_sum = total_of(w, C);
+  const bool smooth = o.label_smoothing > 0.f;
+  float* loss_out = a.loss_rows.mutable_data_ptr<float>();
+  float* lse_out = a.lse.mutable_data_ptr<float>();
+
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* x = X + r * C;
+    const int64_t t = T[r];
+    const bool valid = target_is_valid(t, o, bad);
+    IndexRow<float> ir{};
+    ir.ref = transform_logit(float(x[0]), o);
+    const xent_cpu::RowStats st = k.stats(x, dt, C, tr, w, smooth, ir.ref);
+    const float lse = ms_lse(MaxSum<float>{st.max, st.sum});
+    ir.w_sum = w_sum;
+    ir.dot_ref = st.dot_ref;
+    if (valid) {
+      ir.w_t = w ? w[t] : 1.f;
+      ir.y_t = transform_logit(float(x[t]), o);
+    }
+    loss_out[r] = index_row_loss(ir, lse, valid, o);
+    lse_out[r] = lse;
+    if (G == nullptr) continue;
+    scalar_t* g = G + r * C;
+    if (!valid) {
+      std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+      continue;
+    }
+    const GradCoef<float> gc = index_grad_coef(ir, lse, valid, s, o);
+    k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+    // The target element again, from scratch in float: p - 1 rounded once to the dtype.
+    g[t] = static_cast<scalar_t>(
+        grad_element(float(x[t]), lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+  }
+}
+
+void forward_cpu_kernel(ForwardArgs& a) {
+  const int64_t rows = a.input.size(0) * a.input.size(2);
+  const int64_t C = a.input.size(1);
+  // Enough work per task to amortise the scheduling: about 64K elements.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
+  const bool contiguous_rows = a.input.size(2) == 1 && C > 0;
+  BadTarget bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.input.scalar_type(), "xent_forward_cpu", [&] {
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          if constexpr (!std::is_same_v<scalar_t, double>) {
+            if (contiguous_rows && !a.prob_target) {
+              index_rows_vec<scalar_t>(a, begin, end, bad);
+              return;
+            }
+          }
+          rows_scalar<scalar_t>(a, begin, end, bad);
+        });
+      });
+  const int64_t t = bad.value.load();
+  TORCH_CHECK_INDEX(t == kNoBadTarget, "Target ", t, " is out of bounds.");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
+    double softcap, double z_loss, bool compute_grad) {
+  return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
+                               logit_scale, softcap, z_loss, compute_grad, &forward_cpu_kernel);
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
+  check_scale_grad_args(grad, scale_);
+  const int64_t N = grad.size(0), C = grad.size(1), S = grad.size(2);
+  const at::Tensor scale = scale_.to(at::kDouble).contiguous();
+  const double* sc = scale.const_data_ptr<double>();
+  const bool per_row = scale.numel() != 1;
+  if (!per_row && sc[0] == 1.0) return;  // the common case: nothing to do
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cpu",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(C * S, 1)),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        for (int64_t j = 0; j < C; ++j) {
+          scalar_t* row = g + (n * C + j) * S;
+          for (int64_t sp = 0; sp < S; ++sp) {
+            const acc f = static_cast<acc>(per_row ? sc[n * S + sp] : sc[0]);
+            if (f != acc(1)) row[sp] = static_cast<scalar_t>(acc(row[sp]) * f);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace xent
+
+TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
+  m.impl("cross_entropy_fwd", &xent::forward_cpu);
+  m.impl("scale_grad_", &xent::scale_grad_cpu);
+}

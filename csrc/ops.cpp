@@ -1,0 +1,36 @@
+// Operator schemas, defined once for every backend, and the Python module entry point.
+//
+// cross_entropy_fwd: input (N, C, S), target (N, S) int64 or (N, C, S) probabilities.  Returns
+//   the reduced loss (input dtype), the per-row log-sum-exp (float32; float64 for float64
+//   input) and, when compute_grad, the gradient of the reduced loss (softmax - target, scaled
+//   for the reduction), else an empty tensor.  The Python layer registers its fake kernel and
+//   its autograd formula.
+// scale_grad_: grad *= scale in place, skipping rows whose scale is exactly 1 (the backward).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_isa.h"
+
+TORCH_LIBRARY(xent_ext, m) {
+  m.def(
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float logit_scale, float softcap, "
+      "float z_loss, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor grad)");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "xent_ext kernels; the operators live under torch.ops.xent_ext";
+  m.def("cpu_isa", &xent_cpu::active_isa_name,
+        "Instruction set of the vectorised CPU row kernels in use (avx512, avx2 or base).");
+  m.def("set_cpu_isa", &xent_cpu::set_isa,
+        "Force the CPU kernels to an instruction set the CPU supports ('auto' to detect); "
+        "returns the one now in use.");
+  m.def("has_cuda", []() {
+#ifdef XENT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,126 @@
+#include "xent_forward.h"
+
+#include <c10/util/Exception.h>
+
+namespace xent {
+namespace {
+
+void check_args(const at::Tensor& input, const at::Tensor& target,
+                const std::optional<at::Tensor>& weight, int64_t reduction,
+                double label_smoothing, double softcap, double z_loss) {
+  TORCH_CHECK(input.dim() == 3, "cross_entropy_fwd: input must be (N, C, S), got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "cross_entropy_fwd: input must be floating point, got ", input.scalar_type());
+  const bool prob = target.is_floating_point();
+  if (prob) {
+    TORCH_CHECK(target.sizes() == input.sizes(),
+                "cross_entropy_fwd: probability target must have the input's shape ",
+                input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == input.scalar_type(),
+                "cross_entropy_fwd: probability target must have the input's dtype");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong,
+                "cross_entropy_fwd: class-index target must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == input.size(0) &&
+                    target.size(1) == input.size(2),
+                "cross_entropy_fwd: class-index target must be (N, S) = (", input.size(0), ", ",
+                input.size(2), "), got ", target.sizes());
+  }
+  TORCH_CHECK(target.device() == input.device(),
+              "cross_entropy_fwd: target is on ", target.device(), " but input is on ",
+              input.device());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == input.size(1),
+                "cross_entropy_fwd: weight must be (C,) = (", input.size(1), ",), got ",
+                weight->sizes());
+    TORCH_CHECK(weight->device() == input.device(), "cross_entropy_fwd: weight is on ",
+                weight->device(), " but input is on ", input.device());
+    TORCH_CHECK(weight->is_floating_point(), "cross_entropy_fwd: weight must be floating");
+  }
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "cross_entropy_fwd: unknown reduction code ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "cross_entropy_fwd: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(softcap >= 0.0, "cross_entropy_fwd: softcap must be >= 0 (0: off), got ",
+              softcap);
+  TORCH_CHECK(z_loss >= 0.0, "cross_entropy_fwd: z_loss must be >= 0, got ", z_loss);
+}
+
+// Sum of the target weights over the rows that are not ignored: the 'mean' divisor of
+// class-index targets.  Out-of-range targets are clamped here only so that this helper never
+// indexes out of bounds; the row kernel reports them.
+at::Tensor index_total_weight(const at::Tensor& target, const at::Tensor& weight,
+                              int64_t ignore_index, int64_t num_classes, at::ScalarType acc) {
+  const at::Tensor valid = target.ne(ignore_index);
+  if (!weight.defined()) return valid.sum(acc);
+  const at::Tensor safe = target.clamp(0, std::max<int64_t>(num_classes - 1, 0)).reshape(-1);
+  const at::Tensor wt = weight.index_select(0, safe).view_as(target);
+  return at::where(valid, wt, at::zeros({}, wt.options())).sum(acc);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
+    const at::Tensor& input_, const at::Tensor& target_,
+    const std::optional<at::Tensor>& weight_, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, double logit_scale, double softcap, double z_loss,
+    bool compute_grad, RowKernel kernel) {
+  check_args(input_, target_, weight_, reduction, label_smoothing, softcap, z_loss);
+  const at::ScalarType acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = input_.size(0), C = input_.size(1), S = input_.size(2);
+
+  ForwardArgs a;
+  a.input = input_.contiguous();
+  a.target = target_.contiguous();
+  a.prob_target = target_.is_floating_point();
+  if (weight_.has_value()) a.weight = weight_->to(acc).contiguous();
+  a.opt.num_classes = C;
+  a.opt.ignore_index = ignore_index;
+  a.opt.label_smoothing = static_cast<float>(label_smoothing);
+  a.opt.logit_scale = static_cast<float>(logit_scale);
+  a.opt.softcap = static_cast<float>(softcap);
+  a.opt.z_loss = static_cast<float>(z_loss);
+
+  const auto acc_opts = a.input.options().dtype(acc);
+  a.loss_rows = at::empty({N, S}, acc_opts);
+  a.lse = at::empty({N, S}, acc_opts);
+
+  at::Tensor divisor;  // 'mean' only
+  if (reduction == kMean) {
+    divisor = a.prob_target
+                  ? at::full({}, static_cast<double>(N * S), acc_opts)
+                  : index_total_weight(a.target, a.weight, ignore_index, C, acc);
+    if (compute_grad) a.grad_scale = divisor.reciprocal();
+  }
+  if (compute_grad) a.grad = at::empty_like(a.input);
+
+  if (N * S > 0) kernel(a);
+
+  at::Tensor out;
+  switch (reduction) {
+    case kNone:
+      out = a.loss_rows.to(input_.scalar_type());
+      break;
+    case kSum:
+      out = a.loss_rows.sum().to(input_.scalar_type());
+      break;
+    default:  // 0 / 0 = NaN when every target is ignored or there are no rows, as in torch
+      out = a.loss_rows.sum().div(divisor).to(input_.scalar_type());
+      break;
+  }
+  at::Tensor grad = compute_grad ? a.grad : at::empty({0}, a.input.options());
+  return {out, a.lse, grad};
+}
+
+void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous(),
+              "scale_grad_: grad must be a contiguous (N, C, S) tensor");
+  TORCH_CHECK(scale.device() == grad.device(), "scale_grad_: scale is on ", scale.device(),
+              " but grad is on ", grad.device());
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == grad.size(0) * grad.size(2),
+              "scale_grad_: scale must hold 1 or N*S values, got ", scale.numel());
+}
+
+}  // namespace xent

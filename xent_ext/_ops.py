@@ -1,0 +1,94 @@
+"""Fake kernels and autograd for the C++ operators (schemas live in csrc/ops.cpp).
+
+The forward op already computed the gradient of the reduced loss for an incoming gradient of
+1; the backward only scales it in place by the incoming gradient, and costs nothing when that
+is exactly 1 (decided inside the kernel, with no host synchronisation).  Because the scaling
+happens in place on the saved buffer, a second backward through the same graph
+(retain_graph=True) is refused by autograd's saved-tensor version check instead of returning
+a gradient scaled twice.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that defines the operators)
+
+_REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2
+
+fwd = torch.ops.xent_ext.cross_entropy_fwd
+scale_grad_ = torch.ops.xent_ext.scale_grad_
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_fwd")
+def _fwd_fake(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
+              softcap, z_loss, compute_grad):
+    n, _, s = input.shape
+    loss = input.new_empty((n, s) if reduction == _REDUCTION_NONE else ())
+    lse = input.new_empty((n, s), dtype=acc_dtype(input.dtype))
+    grad = (torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad
+            else input.new_empty((0,)))
+    return loss, lse, grad
+
+
+@torch.library.register_fake("xent_ext::scale_grad_")
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    (input, target, weight, reduction, _ii, label_smoothing, logit_scale, softcap, _z,
+     compute_grad) = inputs
+    _, lse, grad = output
+    ctx.compute_grad = compute_grad
+    ctx.reduction = reduction
+    ctx.label_smoothing = label_smoothing
+    ctx.logit_scale = logit_scale
+    ctx.softcap = softcap
+    ctx.prob_target_grad = target.is_floating_point() and target.requires_grad
+    saved = [grad]
+    if ctx.prob_target_grad:  # d loss / d q needs log_softmax, rebuilt from input and lse
+        saved += [input, lse, weight if weight is not None else input.new_empty(0)]
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(*saved)
+
+
+def _transformed(input, logit_scale, softcap):
+    y = input.to(acc_dtype(input.dtype)) * logit_scale
+    if softcap > 0:
+        y = torch.where(torch.isneginf(input), input.to(y.dtype), softcap * torch.tanh(y / softcap))
+    return y
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
+    saved = ctx.saved_tensors
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                "xent_ext: the forward ran without computing the gradient (input did not "
+                "require grad when the loss was computed)")
+        grad = saved[0]
+        scale_grad_(grad, grad_loss)
+        grad_input = grad
+    if ctx.needs_input_grad[1] and ctx.prob_target_grad:
+        _, input, lse, weight = saved
+        n, c, s = input.shape
+        log_p = _transformed(input, ctx.logit_scale, ctx.softcap) - lse.unsqueeze(1)
+        g = -(1.0 - ctx.label_smoothing) * log_p
+        if ctx.has_weight:
+            g = g * weight.to(g.dtype).view(1, c, 1)
+        if ctx.reduction == _REDUCTION_NONE:
+            g = g * grad_loss.to(g.dtype).view(n, 1, s)
+        else:
+            g = g * grad_loss.to(g.dtype)
+            if ctx.reduction == _REDUCTION_MEAN:
+                g = g / (n * s)
+        grad_target = g.to(input.dtype)
+    return grad_input, grad_target, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("xent_ext::cross_entropy_fwd", _backward,
+                                setup_context=_setup_context)

@@ -1,0 +1,192 @@
+"""xent_ext.cross_entropy: F.cross_entropy's signature and semantics on the fused kernels.
+
+The Python layer validates the arguments the way PyTorch does (same exception types, messages
+that name the argument), brings the input to the (N, C, S) layout the kernels walk, and calls
+one operator.  Nothing here reads a tensor's values, so the call never synchronises with the
+device and traces into a single graph under torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _legacy_reduction
+
+from . import _ops
+
+_REDUCTIONS = {"none": _ops._REDUCTION_NONE, "mean": _ops._REDUCTION_MEAN,
+               "sum": _ops._REDUCTION_SUM}
+_INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
+def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> bool:
+    """Returns True for probability targets, else checks a class-index target's shape."""
+    if input.dim() == 0:
+        raise ValueError("cross_entropy: input must have at least one dimension (the classes)")
+    if input.shape == target.shape:
+        # As torch: equal shapes mean class probabilities.
+        if not target.is_floating_point():
+            raise RuntimeError("Expected floating point type for target with class "
+                               f"probabilities, got {_dtype_name(target.dtype)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        return True
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError("expected target dtype to be Long or Byte, but got "
+                           f"{_dtype_name(target.dtype)}")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise RuntimeError(f"Expected target size [] for input of size {list(input.shape)},"
+                               f" got {list(target.shape)}")
+        return False
+    if target.dim() == 0 or target.shape[0] != input.shape[0]:
+        got = target.shape[0] if target.dim() > 0 else 0
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({got}).")
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    expected = (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")
+    return False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+            torch.uint8: "Byte", torch.bool: "Bool", torch.float32: "Float",
+            torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
+def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
+                   label_smoothing: float, z_loss: float, softcap: float | None,
+                   logit_scale: float) -> int:
+    if not input.is_floating_point():
+        raise TypeError("cross_entropy: input must be a floating point tensor (float16, "
+                        f"bfloat16, float32 or float64), got {input.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError("label_smoothing must be between 0.0 and 1.0. Got: "
+                           f"{label_smoothing}")
+    if target.device != input.device:
+        raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on "
+                           f"{input.device}; both must be on the same device")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise RuntimeError("weight tensor should be defined either for all "
+                               f"{n_classes} classes or no classes but got weight tensor "
+                               f"of shape: {list(weight.shape)}")
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found "
+                               f"{_dtype_name(weight.dtype)} (weight)")
+        if weight.device != input.device:
+            raise RuntimeError(f"cross_entropy: weight is on {weight.device} but input is on "
+                               f"{input.device}; both must be on the same device")
+        if weight.requires_grad:
+            raise RuntimeError("cross_entropy is not differentiable with respect to argument "
+                               "'weight'. This input cannot have requires_grad True.")
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not (softcap > 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"cross_entropy: softcap must be a finite number > 0, got {softcap}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"cross_entropy: logit_scale must be finite, got {logit_scale}")
+    return _REDUCTIONS[reduction]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Cross entropy between logits and targets, as torch.nn.functional.cross_entropy.
+
+    Same arguments, defaults, reductions, errors and results (loss and gradient) as
+    F.cross_entropy: class-index or class-probability targets, class weights, ignore_index,
+    label smoothing, (N, C), (N, C, d1, ..., dk) and (C,) inputs, the legacy size_average and
+    reduce.  Loss and gradient come from one fused pass over the logits; the loss is kept in
+    float32 (float64 for float64 input) and rounded to the input dtype once.
+
+    Keyword-only extensions for language-model training, all off by default:
+      z_loss: adds z_loss * lse**2 for every non-ignored row (reduced like the loss);
+        return_z_loss=True also returns that term alone (no gradient; for logging).
+      softcap: logits become softcap * tanh(logit_scale * x / softcap); -inf logits stay -inf.
+      logit_scale: logits are multiplied by it first.
+      return_lse: also returns the per-row log-sum-exp (float32, float64 for float64 input;
+        shape of the target for class indices), not differentiable.
+    Returns the loss, or (loss, z_loss term?, lse?) in that order when asked for.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
+    red = _check_options(input, target, weight, reduction, label_smoothing, z_loss, softcap,
+                         logit_scale)
+    prob = _check_target(input, target, ignore_index)
+
+    # (N, C, S) view: S = 1 for (N, C), the product of d1..dk for K-dim inputs; the no-batch
+    # (C,) case is a batch of one.
+    if input.dim() == 1:
+        x3 = input.reshape(1, -1, 1)
+        row_shape: tuple[int, ...] = ()
+    else:
+        n, c = input.shape[0], input.shape[1]
+        row_shape = (n,) + tuple(input.shape[2:])
+        x3 = input.reshape(n, c, -1) if input.dim() > 2 else input.unsqueeze(-1)
+    if prob:
+        t3 = target.reshape(x3.shape).to(input.dtype)
+    else:
+        t3 = target.reshape(x3.shape[0], x3.shape[2]).long()
+
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    loss, lse, _ = _ops.fwd(x3, t3, weight, red, ignore_index, float(label_smoothing),
+                            float(logit_scale), float(softcap or 0.0), float(z_loss),
+                            compute_grad)
+    if red == _ops._REDUCTION_NONE:
+        loss = loss.reshape(row_shape)
+    if not (return_z_loss or return_lse):
+        return loss
+    out = [loss]
+    if return_z_loss:
+        out.append(_z_loss_term(lse, t3, weight, prob, red, ignore_index, z_loss, row_shape,
+                                input.dtype))
+    if return_lse:
+        out.append(lse.reshape(row_shape))
+    return tuple(out)
+
+
+def _z_loss_term(lse: Tensor, t3: Tensor, weight: Tensor | None, prob: bool, red: int,
+                 ignore_index: int, z_loss: float, row_shape: tuple[int, ...],
+                 dtype: torch.dtype) -> Tensor:
+    """The z-loss part of the loss alone, reduced like the loss (for logging)."""
+    lse = lse.detach()
+    rows = z_loss * lse * lse
+    if prob:
+        divisor = lse.new_tensor(float(lse.numel()))
+    else:
+        valid = t3 != ignore_index
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        if weight is None:
+            divisor = valid.sum().to(lse.dtype)
+        else:
+            c = weight.numel()
+            w_t = weight.to(lse.dtype)[t3.clamp(0, max(c - 1, 0))]
+            divisor = torch.where(valid, w_t, torch.zeros_like(w_t)).sum()
+    if red == _ops._REDUCTION_NONE:
+        return rows.reshape(row_shape).to(dtype)
+    if red == _ops._REDUCTION_SUM:
+        return rows.sum().to(dtype)
+    return (rows.sum() / divisor).to(dtype)
