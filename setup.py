@@ -16,7 +16,6 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 
-
 def _locate_cuda_home() -> None:
     """torch guesses CUDA_HOME from the directory above `nvcc` on PATH, which is wrong when that
     nvcc is a wrapper script (e.g. /usr/local/bin/nvcc): prefer the toolkit's own directory."""
@@ -80,7 +79,7 @@ else:
 setup(
     name="xent_ext",
     version="0.1.0",
-    description="Fused cross-entropy (log-softmax + NLL, loss and gradient in one pass) for PyTorch",
+    description="Fused cross-entropy for PyTorch: loss and gradient in one pass",
     packages=find_packages(include=["xent_ext", "xent_ext.*"]),
     ext_modules=[Extension("xent_ext._C", srcs, **ext_kwargs)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

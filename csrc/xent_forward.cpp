@@ -6,31 +6,28 @@ namespace xent {
 namespace {
 
 void check_args(const at::Tensor& input, const at::Tensor& target,
-                const std::optional<at::Tensor>& weight, int64_t reduction,
-                double label_smoothing, double softcap, double z_loss) {
-  TORCH_CHECK(input.dim() == 3, "cross_entropy_fwd: input must be (N, C, S), got ",
-              input.sizes());
+                const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing,
+                double softcap, double z_loss) {
+  TORCH_CHECK(input.dim() == 3, "cross_entropy_fwd: input must be (N, C, S), got ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "cross_entropy_fwd: input must be floating point, got ", input.scalar_type());
   const bool prob = target.is_floating_point();
   if (prob) {
     TORCH_CHECK(target.sizes() == input.sizes(),
-                "cross_entropy_fwd: probability target must have the input's shape ",
-                input.sizes(), ", got ", target.sizes());
+                "cross_entropy_fwd: probability target must have the input's shape ", input.sizes(),
+                ", got ", target.sizes());
     TORCH_CHECK(target.scalar_type() == input.scalar_type(),
                 "cross_entropy_fwd: probability target must have the input's dtype");
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong,
-                "cross_entropy_fwd: class-index target must be int64, got ",
-                target.scalar_type());
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == input.size(0) &&
-                    target.size(1) == input.size(2),
-                "cross_entropy_fwd: class-index target must be (N, S) = (", input.size(0), ", ",
-                input.size(2), "), got ", target.sizes());
+                "cross_entropy_fwd: class-index target must be int64, got ", target.scalar_type());
+    TORCH_CHECK(
+        target.dim() == 2 && target.size(0) == input.size(0) && target.size(1) == input.size(2),
+        "cross_entropy_fwd: class-index target must be (N, S) = (", input.size(0), ", ",
+        input.size(2), "), got ", target.sizes());
   }
-  TORCH_CHECK(target.device() == input.device(),
-              "cross_entropy_fwd: target is on ", target.device(), " but input is on ",
-              input.device());
+  TORCH_CHECK(target.device() == input.device(), "cross_entropy_fwd: target is on ",
+              target.device(), " but input is on ", input.device());
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->numel() == input.size(1),
                 "cross_entropy_fwd: weight must be (C,) = (", input.size(1), ",), got ",
@@ -43,8 +40,7 @@ void check_args(const at::Tensor& input, const at::Tensor& target,
               "cross_entropy_fwd: unknown reduction code ", reduction);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "cross_entropy_fwd: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(softcap >= 0.0, "cross_entropy_fwd: softcap must be >= 0 (0: off), got ",
-              softcap);
+  TORCH_CHECK(softcap >= 0.0, "cross_entropy_fwd: softcap must be >= 0 (0: off), got ", softcap);
   TORCH_CHECK(z_loss >= 0.0, "cross_entropy_fwd: z_loss must be >= 0, got ", z_loss);
 }
 
@@ -63,10 +59,9 @@ at::Tensor index_total_weight(const at::Tensor& target, const at::Tensor& weight
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
-    const at::Tensor& input_, const at::Tensor& target_,
-    const std::optional<at::Tensor>& weight_, int64_t reduction, int64_t ignore_index,
-    double label_smoothing, double logit_scale, double softcap, double z_loss,
-    bool compute_grad, RowKernel kernel) {
+    const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
+    double softcap, double z_loss, bool compute_grad, RowKernel kernel) {
   check_args(input_, target_, weight_, reduction, label_smoothing, softcap, z_loss);
   const at::ScalarType acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = input_.size(0), C = input_.size(1), S = input_.size(2);
@@ -89,9 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
 
   at::Tensor divisor;  // 'mean' only
   if (reduction == kMean) {
-    divisor = a.prob_target
-                  ? at::full({}, static_cast<double>(N * S), acc_opts)
-                  : index_total_weight(a.target, a.weight, ignore_index, C, acc);
+    divisor = a.prob_target ? at::full({}, static_cast<double>(N * S), acc_opts)
+                            : index_total_weight(a.target, a.weight, ignore_index, C, acc);
     if (compute_grad) a.grad_scale = divisor.reciprocal();
   }
   if (compute_grad) a.grad = at::empty_like(a.input);

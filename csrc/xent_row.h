@@ -39,12 +39,12 @@ using std::tanh;
 // Per-call options that shape the row math.  Plain floats so the struct is trivially copyable
 // to a CUDA kernel's parameter space.
 struct RowOptions {
-  int64_t num_classes;     // C
-  int64_t ignore_index;    // only for class-index targets
-  float label_smoothing;   // eps in [0, 1]
-  float logit_scale;       // y = logit_scale * x (1: off)
-  float softcap;           // > 0: y = softcap * tanh(logit_scale * x / softcap)
-  float z_loss;            // coefficient of lse^2 (0: off)
+  int64_t num_classes;    // C
+  int64_t ignore_index;   // only for class-index targets
+  float label_smoothing;  // eps in [0, 1]
+  float logit_scale;      // y = logit_scale * x (1: off)
+  float softcap;          // > 0: y = softcap * tanh(logit_scale * x / softcap)
+  float z_loss;           // coefficient of lse^2 (0: off)
 };
 
 // Accumulation type: float for float/half/bfloat16, double for double.

@@ -13,9 +13,9 @@ struct StridedRow {
   const scalar_t* x;  // logits x[j * stride]
   scalar_t* g;        // gradient g[j * stride], or nullptr
   int64_t stride;
-  const acc* w;       // class weights, or nullptr
-  acc w_sum;          // sum of the weights (C without weights)
-  acc grad_scale;     // 1, or 1 / total weight for 'mean'
+  const acc* w;    // class weights, or nullptr
+  acc w_sum;       // sum of the weights (C without weights)
+  acc grad_scale;  // 1, or 1 / total weight for 'mean'
 };
 
 // Class-index target t; valid is false for an ignored (or rejected) target, and then t is not

@@ -53,7 +53,9 @@ std::atomic<const VecKernels*>& current() {
 
 }  // namespace
 
-const VecKernels& active_kernels() { return *current().load(std::memory_order_relaxed); }
+const VecKernels& active_kernels() {
+  return *current().load(std::memory_order_relaxed);
+}
 
 std::string active_isa_name() {
   std::string n = active_kernels().name;

@@ -2,8 +2,12 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define XENT_VEC_AVX2 1
 #include "vec_rows_impl.h"
-const xent_cpu::VecKernels* xent_cpu::kernels_avx2() { return &xent_cpu::isa_avx2::table; }
+const xent_cpu::VecKernels* xent_cpu::kernels_avx2() {
+  return &xent_cpu::isa_avx2::table;
+}
 #else
 #include "vec_rows.h"
-const xent_cpu::VecKernels* xent_cpu::kernels_avx2() { return nullptr; }
+const xent_cpu::VecKernels* xent_cpu::kernels_avx2() {
+  return nullptr;
+}
 #endif

@@ -2,4 +2,6 @@
 // fallback for every CPU.
 #define XENT_VEC_BASE 1
 #include "vec_rows_impl.h"
-const xent_cpu::VecKernels* xent_cpu::kernels_base() { return &xent_cpu::isa_base::table; }
+const xent_cpu::VecKernels* xent_cpu::kernels_base() {
+  return &xent_cpu::isa_base::table;
+}

@@ -53,16 +53,26 @@ typedef uint16_t vh __attribute__((vector_size(W * 2), aligned(2)));
 // two sweeps (8 KiB of float32), large enough that the per-chunk rescale is negligible.
 constexpr int64_t kChunk = 2048;
 
-inline vf splat(float v) { return vf{} + v; }
-inline vf as_f(vu v) { return (vf)v; }  // same-size vector casts reinterpret the bits
-inline vu as_u(vf v) { return (vu)v; }
-inline vi as_i(vf v) { return (vi)v; }
+inline vf splat(float v) {
+  return vf{} + v;
+}
+inline vf as_f(vu v) {
+  return (vf)v;
+}  // same-size vector casts reinterpret the bits
+inline vu as_u(vf v) {
+  return (vu)v;
+}
+inline vi as_i(vf v) {
+  return (vi)v;
+}
 inline vi iota() {
   vi l;
   for (int i = 0; i < W; ++i) l[i] = i;
   return l;
 }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmax(vf a, vf b) {
+  return a > b ? a : b;
+}
 
 inline float hmax(vf v) {
   float m = v[0];
@@ -75,7 +85,9 @@ inline float hsum(vf v) {
   return s;
 }
 
-inline float scalar_exp(float x) { return __builtin_expf(x); }
+inline float scalar_exp(float x) {
+  return __builtin_expf(x);
+}
 
 // exp(x) for float32 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and the
 // Cephes degree-6 polynomial for exp(r).  Maximum error measured against exp in float64
@@ -120,7 +132,7 @@ inline vf h2f(vh h16) {
   const vu sign = (h & 0x8000u) << 16;
   const vu em = h & 0x7fffu;
   // The shifted bits read as a float 2^112 too small (also for subnormals): rescale.
-  vu bits = as_u(as_f(em << 13) * 5.192296858534828e+33f);  // 2^112
+  vu bits = as_u(as_f(em << 13) * 5.192296858534828e+33f);   // 2^112
   bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;  // inf, NaN
   return as_f(bits | sign);
 }
@@ -156,7 +168,9 @@ inline vh f2h(vf f) {
 #endif
 }
 
-inline vf bf2f(vh h) { return as_f(__builtin_convertvector(h, vu) << 16); }
+inline vf bf2f(vh h) {
+  return as_f(__builtin_convertvector(h, vu) << 16);
+}
 
 inline vh f2bf(vf f) {
   const vu b = as_u(f);
@@ -333,8 +347,8 @@ void grad_dt(const void* x, void* g, int64_t n, VecTransform t, float lse, float
   }
 }
 
-void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
-          float b, const float* w) {
+void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a, float b,
+          const float* w) {
   switch (dt) {
     case Dtype::f16:
       return grad_dt<Dtype::f16>(x, g, n, t, lse, a, b, w);

@@ -4,8 +4,8 @@
 // float16 and bfloat16 with class-index targets take the vectorised row kernels (vec_rows.h);
 // everything else (float64, K-dim inputs whose classes are strided, probability targets) takes
 // the scalar path below, which is the shared row math (xent_row.h) applied element by element.
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -71,8 +71,8 @@ void rows_scalar(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
     row.x = X + base;
     row.g = G ? G + base : nullptr;
     if (a.prob_target) {
-      loss_out[r] = prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o,
-                                     &lse_out[r]);
+      loss_out[r] =
+          prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o, &lse_out[r]);
     } else {
       const int64_t t = a.target.const_data_ptr<int64_t>()[r];
       loss_out[r] = index_row_strided(row, t, target_is_valid(t, o, bad), o, &lse_out[r]);
@@ -181,23 +181,23 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
   const double* sc = scale.const_data_ptr<double>();
   const bool per_row = scale.numel() != 1;
   if (!per_row && sc[0] == 1.0) return;  // the common case: nothing to do
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cpu",
-                                  [&] {
-    using acc = acc_t<scalar_t>;
-    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(C * S, 1)),
-                     [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        for (int64_t j = 0; j < C; ++j) {
-          scalar_t* row = g + (n * C + j) * S;
-          for (int64_t sp = 0; sp < S; ++sp) {
-            const acc f = static_cast<acc>(per_row ? sc[n * S + sp] : sc[0]);
-            if (f != acc(1)) row[sp] = static_cast<scalar_t>(acc(row[sp]) * f);
-          }
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cpu", [&] {
+        using acc = acc_t<scalar_t>;
+        scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(C * S, 1)),
+                         [&](int64_t b, int64_t e) {
+                           for (int64_t n = b; n < e; ++n) {
+                             for (int64_t j = 0; j < C; ++j) {
+                               scalar_t* row = g + (n * C + j) * S;
+                               for (int64_t sp = 0; sp < S; ++sp) {
+                                 const acc f = static_cast<acc>(per_row ? sc[n * S + sp] : sc[0]);
+                                 if (f != acc(1)) row[sp] = static_cast<scalar_t>(acc(row[sp]) * f);
+                               }
+                             }
+                           }
+                         });
+      });
 }
 
 }  // namespace

@@ -231,7 +231,9 @@ int64_t grid_for(int64_t work, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, resident));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 template <typename scalar_t, bool kProb>
 void launch_rows(const KernelArgs<scalar_t>& k, cudaStream_t stream) {
@@ -242,7 +244,8 @@ void launch_rows(const KernelArgs<scalar_t>& k, cudaStream_t stream) {
   const int vec = vec_ok ? kVec : 1;
   // About four vectors per thread, 32 to 1024 threads.
   const int64_t want = (C / vec + 3) / 4;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (want + 31) / 32 * 32)));
+  const int threads =
+      static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (want + 31) / 32 * 32)));
   const int64_t blocks = std::min<int64_t>(k.rows, grid_for(k.rows * threads, threads));
   if (vec_ok) {
     rows_kernel<scalar_t, kVec, kProb><<<blocks, threads, 0, stream>>>(k);
@@ -319,17 +322,17 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.numel() == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda",
-                                  [&] {
-    using acc = acc_t<scalar_t>;
-    const at::Tensor sc = scale.to(c10::CppTypeToScalarType<acc>::value).contiguous();
-    constexpr int kThreads = 256;
-    const int64_t blocks = grid_for(grad.numel(), kThreads);
-    scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        grad.mutable_data_ptr<scalar_t>(), sc.const_data_ptr<acc>(), sc.numel() != 1,
-        grad.numel(), grad.size(1), grad.size(2));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
+        using acc = acc_t<scalar_t>;
+        const at::Tensor sc = scale.to(c10::CppTypeToScalarType<acc>::value).contiguous();
+        constexpr int kThreads = 256;
+        const int64_t blocks = grid_for(grad.numel(), kThreads);
+        scale_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+            grad.mutable_data_ptr<scalar_t>(), sc.const_data_ptr<acc>(), sc.numel() != 1,
+            grad.numel(), grad.size(1), grad.size(2));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace
