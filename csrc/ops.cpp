@@ -26,6 +26,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &xent_cpu::set_isa,
         "Force the CPU kernels to an instruction set the CPU supports ('auto' to detect); "
         "returns the one now in use.");
+  m.def(
+      "_vec_exp",
+      [](const at::Tensor& x) {
+        TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                    "_vec_exp: expects a float32 CPU tensor");
+        const at::Tensor xc = x.contiguous();
+        at::Tensor y = at::empty_like(xc);
+        xent_cpu::active_kernels().exp(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+                                       xc.numel());
+        return y;
+      },
+      "exp(x) computed by the CPU kernels' vector exp (for accuracy tests).");
   m.def("has_cuda", []() {
 #ifdef XENT_WITH_CUDA
     return true;

@@ -1,11 +1,13 @@
 """Fake kernels and autograd for the C++ operators (schemas live in csrc/ops.cpp).
 
 The forward op already computed the gradient of the reduced loss for an incoming gradient of
-1; the backward only scales it in place by the incoming gradient, and costs nothing when that
-is exactly 1 (decided inside the kernel, with no host synchronisation).  Because the scaling
-happens in place on the saved buffer, a second backward through the same graph
-(retain_graph=True) is refused by autograd's saved-tensor version check instead of returning
-a gradient scaled twice.
+1; the first backward only scales that buffer in place by the incoming gradient and returns it,
+which costs nothing when the incoming gradient is exactly 1 (decided inside the kernel, with no
+host synchronisation).  A later backward through the same graph (retain_graph=True, gradcheck)
+must neither scale the buffer twice nor change the tensor handed out the first time: it
+returns a new tensor, buffer * (new scale / first scale).  Rows whose first incoming gradient
+was exactly 0 cannot be recovered that way; they come out as NaN (loud), never as a silently
+wrong value.
 """
 
 import torch
@@ -52,7 +54,18 @@ def _setup_context(ctx, inputs, output):
     if ctx.prob_target_grad:  # d loss / d q needs log_softmax, rebuilt from input and lse
         saved += [input, lse, weight if weight is not None else input.new_empty(0)]
     ctx.has_weight = weight is not None
+    ctx.first_scale = None  # the incoming gradient the buffer was scaled by, once used
     ctx.save_for_backward(*saved)
+
+
+def _rescaled(grad, new_scale, first_scale):
+    """A later backward: the buffer holds gradient * first_scale.  A first scale of 0 cannot be
+    undone; the division then yields NaN rather than a silently wrong zero."""
+    acc = acc_dtype(grad.dtype)
+    factor = new_scale.to(acc) / first_scale.to(acc)
+    if factor.dim() > 0:  # per-row ('none'): (N, S) -> (N, 1, S)
+        factor = factor.reshape(grad.shape[0], 1, grad.shape[2])
+    return (grad.to(acc) * factor).to(grad.dtype)
 
 
 def _transformed(input, logit_scale, softcap):
@@ -71,8 +84,12 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
                 "xent_ext: the forward ran without computing the gradient (input did not "
                 "require grad when the loss was computed)")
         grad = saved[0]
-        scale_grad_(grad, grad_loss)
-        grad_input = grad
+        if ctx.first_scale is None:
+            scale_grad_(grad, grad_loss)
+            ctx.first_scale = grad_loss.detach()
+            grad_input = grad
+        else:
+            grad_input = _rescaled(grad, grad_loss, ctx.first_scale)
     if ctx.needs_input_grad[1] and ctx.prob_target_grad:
         _, input, lse, weight = saved
         n, c, s = input.shape

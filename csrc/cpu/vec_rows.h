@@ -35,6 +35,8 @@ struct VecKernels {
   // g_j = (a * exp(y_j - lse) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
   void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
                float b, const float* w);
+  // y = exp(x) with the kernels' own vector exp (exposed so its accuracy can be tested).
+  void (*exp)(const float* x, float* y, int64_t n);
 };
 
 // Each returns nullptr when the build or the platform has no such path.

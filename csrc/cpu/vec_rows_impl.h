@@ -359,11 +359,21 @@ void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse
   }
 }
 
+void exp_rows(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) Io<Dtype::f32>::store(y + i, vexp(Io<Dtype::f32>::load(x + i)));
+  for (; i < n; ++i) {
+    float buf[W] = {};
+    buf[0] = x[i];
+    y[i] = vexp(Io<Dtype::f32>::load(buf))[0];
+  }
+}
+
 }  // namespace
 
 #define XENT_STR2(x) #x
 #define XENT_STR(x) XENT_STR2(x)
-const VecKernels table = {XENT_STR(XENT_ISA_NS), &stats, &grad};
+const VecKernels table = {XENT_STR(XENT_ISA_NS), &stats, &grad, &exp_rows};
 
 }  // namespace XENT_ISA_NS
 }  // namespace xent_cpu

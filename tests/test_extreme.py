@@ -1,0 +1,93 @@
+"""The lesson's point about precision, made visible: where log(softmax(x)) overflows or
+underflows to inf / NaN, the fused kernel stays finite and matches the float64 log-sum-exp."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_ext
+from xent_ext.reference import naive_cross_entropy
+
+from .conftest import DEVICES
+
+
+def _extreme_rows(dtype, big, device):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(8, 300, generator=g, dtype=torch.float64) * 2 - 1) * big
+    t = torch.randint(0, 300, (8,), generator=g)
+    # Make the target far below the max in some rows: softmax underflows to 0 there.
+    x[torch.arange(4), t[:4]] = -big
+    return x.to(dtype).to(device), t.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e4), (torch.float16, 3e4),
+                                       (torch.bfloat16, 1e4)], ids=str)
+def test_extreme_logits_stay_finite(device, dtype, big):
+    x, t = _extreme_rows(dtype, big, device)
+    naive = naive_cross_entropy(x.float(), t, reduction="none")
+    assert not bool(torch.isfinite(naive).all()), "the naive reference should break here"
+
+    xr = x.detach().requires_grad_()
+    ours = xent_ext.cross_entropy(xr, t, reduction="none")
+    ours.sum().backward()
+    assert bool(torch.isfinite(ours).all()) and bool(torch.isfinite(xr.grad).all())
+
+    x64 = x.double()
+    expected = torch.logsumexp(x64, 1) - x64.gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(ours.double(), expected.to(ours.dtype).double(),
+                               rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0)
+    _, lse = xent_ext.cross_entropy(x, t, reduction="none", return_lse=True)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(x64, 1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+def test_rows_with_neg_inf_entries(device, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4099, generator=g, dtype=torch.float64)
+    x[:, ::3] = float("-inf")  # masked vocabulary entries
+    x[2, :4000] = float("-inf")  # a row that starts with a long masked run
+    t = torch.tensor([1, 2, 4001, 4, 5, 7])
+    x = x.to(dtype).to(device)
+    t = t.to(device)
+    xr = x.detach().requires_grad_()
+    ours = xent_ext.cross_entropy(xr, t, reduction="none")
+    ours.sum().backward()
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, reduction="none")
+    ref.sum().backward()
+    assert bool(torch.isfinite(ours).all())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(xr.grad.double(), x64.grad, rtol=0, atol=tol)
+    assert bool((xr.grad[:, ::3] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate_like_torch(device):
+    x = torch.randn(4, 50, dtype=torch.float32, device=device)
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, :] = float("-inf")
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    ours = xent_ext.cross_entropy(x, t, reduction="none")
+    ref = F.cross_entropy(x, t, reduction="none")
+    assert torch.equal(ours.isnan(), ref.isnan()), (ours, ref)
+    torch.testing.assert_close(ours[3], ref[3])
+
+
+def test_vector_exp_accuracy(cpu_isa):
+    """The CPU kernels' vector exp: at most 2 ulp from exp in float64 on [-87.3, 88.3], 0 below
+    the float32 normal range, NaN for NaN."""
+    x = torch.linspace(-87.3, 88.3, 1_000_003, dtype=torch.float32)
+    x = torch.cat([x, torch.rand(100_000) * 2 - 1])
+    y = xent_ext._C._vec_exp(x).double()
+    exact = torch.exp(x.double())
+    ulp = (exact.float().nextafter(torch.tensor(float("inf"))).double() - exact.float().double())
+    err_ulp = ((y - exact).abs() / ulp).max().item()
+    assert err_ulp <= 2.0, err_ulp
+    special = torch.tensor([-1000.0, -88.0, float("-inf"), float("nan"), 0.0])
+    ys = xent_ext._C._vec_exp(special)
+    assert ys[0] == 0 and ys[1] == 0 and ys[2] == 0 and ys[3].isnan() and ys[4] == 1
