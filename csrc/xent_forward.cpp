@@ -73,10 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
   if (weight_.has_value()) a.weight = weight_->to(acc).contiguous();
   a.opt.num_classes = C;
   a.opt.ignore_index = ignore_index;
-  a.opt.label_smoothing = static_cast<float>(label_smoothing);
-  a.opt.logit_scale = static_cast<float>(logit_scale);
-  a.opt.softcap = static_cast<float>(softcap);
-  a.opt.z_loss = static_cast<float>(z_loss);
+  a.opt.label_smoothing = label_smoothing;
+  a.opt.logit_scale = logit_scale;
+  a.opt.softcap = softcap;
+  a.opt.z_loss = z_loss;
 
   const auto acc_opts = a.input.options().dtype(acc);
   a.loss_rows = at::empty({N, S}, acc_opts);

@@ -36,15 +36,16 @@ using std::exp;
 using std::log;
 using std::tanh;
 
-// Per-call options that shape the row math.  Plain floats so the struct is trivially copyable
-// to a CUDA kernel's parameter space.
+// Per-call options that shape the row math.  Plain values so the struct is trivially copyable
+// to a CUDA kernel's parameter space.  Doubles, so that float64 inputs see the options at full
+// precision; a float kernel converts each to float once.
 struct RowOptions {
-  int64_t num_classes;    // C
-  int64_t ignore_index;   // only for class-index targets
-  float label_smoothing;  // eps in [0, 1]
-  float logit_scale;      // y = logit_scale * x (1: off)
-  float softcap;          // > 0: y = softcap * tanh(logit_scale * x / softcap)
-  float z_loss;           // coefficient of lse^2 (0: off)
+  int64_t num_classes;     // C
+  int64_t ignore_index;    // only for class-index targets
+  double label_smoothing;  // eps in [0, 1]
+  double logit_scale;      // y = logit_scale * x (1: off)
+  double softcap;          // > 0: y = softcap * tanh(logit_scale * x / softcap)
+  double z_loss;           // coefficient of lse^2 (0: off)
 };
 
 // Accumulation type: float for float/half/bfloat16, double for double.
@@ -115,7 +116,7 @@ XENT_HD T ms_lse(MaxSum<T> a) {
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 XENT_HD T transform_logit(T x, const RowOptions& o) {
-  if (o.softcap > 0.f) {
+  if (o.softcap > 0.0) {
     // -inf marks a masked entry: it stays -inf rather than becoming -softcap, so masked or
     // padded entries never receive probability mass.
     if (x == neg_inf<T>()) return x;
@@ -126,7 +127,7 @@ XENT_HD T transform_logit(T x, const RowOptions& o) {
 
 template <typename T>
 XENT_HD T transform_slope(T x, const RowOptions& o) {
-  if (o.softcap > 0.f) {
+  if (o.softcap > 0.0) {
     if (x == neg_inf<T>()) return T(0);
     const T th = tanh(T(o.logit_scale) * x / T(o.softcap));
     return T(o.logit_scale) * (T(1) - th * th);
@@ -155,10 +156,10 @@ XENT_HD T index_row_loss(const IndexRow<T>& r, T lse, bool valid, const RowOptio
   if (!valid) return T(0);
   const T eps = T(o.label_smoothing);
   T loss = (T(1) - eps) * r.w_t * (lse - r.y_t);
-  if (o.label_smoothing > 0.f) {
+  if (o.label_smoothing > 0.0) {
     loss += eps / T(o.num_classes) * (r.w_sum * (lse - r.ref) - r.dot_ref);
   }
-  if (o.z_loss > 0.f) loss += T(o.z_loss) * lse * lse;
+  if (o.z_loss > 0.0) loss += T(o.z_loss) * lse * lse;
   return loss;
 }
 
@@ -179,7 +180,7 @@ XENT_HD GradCoef<T> index_grad_coef(const IndexRow<T>& r, T lse, bool valid, T s
   const T eps = T(o.label_smoothing);
   const T per_class = eps / T(o.num_classes);
   T big_a = (T(1) - eps) * r.w_t + per_class * r.w_sum;
-  if (o.z_loss > 0.f) big_a += T(2) * T(o.z_loss) * lse;
+  if (o.z_loss > 0.0) big_a += T(2) * T(o.z_loss) * lse;
   return {s * big_a, s * per_class, s * (T(1) - eps) * r.w_t};
 }
 
@@ -203,7 +204,7 @@ XENT_HD T prob_coef(T q, T w, const RowOptions& o) {
 template <typename T>
 XENT_HD T prob_row_loss(T big_a, T cdot_ref, T ref, T lse, const RowOptions& o) {
   T loss = big_a * (lse - ref) - cdot_ref;
-  if (o.z_loss > 0.f) loss += T(o.z_loss) * lse * lse;
+  if (o.z_loss > 0.0) loss += T(o.z_loss) * lse * lse;
   return loss;
 }
 
@@ -211,7 +212,7 @@ XENT_HD T prob_row_loss(T big_a, T cdot_ref, T ref, T lse, const RowOptions& o) 
 template <typename T>
 XENT_HD T prob_grad_a(T big_a, T lse, T s, const RowOptions& o) {
   T a = big_a;
-  if (o.z_loss > 0.f) a += T(2) * T(o.z_loss) * lse;
+  if (o.z_loss > 0.0) a += T(2) * T(o.z_loss) * lse;
   return s * a;
 }
 

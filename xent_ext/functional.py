@@ -23,10 +23,12 @@ _INDEX_DTYPES = (torch.int64, torch.uint8)
 
 def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> bool:
     """Returns True for probability targets, else checks a class-index target's shape."""
-    if input.dim() == 0:
-        raise ValueError("cross_entropy: input must have at least one dimension (the classes)")
+    if input.dim() == 0 and (input.shape != target.shape or target.is_floating_point()):
+        raise RuntimeError("cross_entropy: input must have at least one dimension (the "
+                           "classes), got a 0-dim tensor")
     if input.shape == target.shape:
-        # As torch: equal shapes mean class probabilities.
+        # As torch: equal shapes mean class probabilities (a 0-dim input only gets this far
+        # with an integer target, to fail here with torch's message).
         if not target.is_floating_point():
             raise RuntimeError("Expected floating point type for target with class "
                                f"probabilities, got {_dtype_name(target.dtype)}")
@@ -64,8 +66,9 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
                    label_smoothing: float, z_loss: float, softcap: float | None,
                    logit_scale: float) -> int:
     if not input.is_floating_point():
-        raise TypeError("cross_entropy: input must be a floating point tensor (float16, "
-                        f"bfloat16, float32 or float64), got {input.dtype}")
+        # NotImplementedError, as torch (whose log_softmax has no integer kernel).
+        raise NotImplementedError("cross_entropy: input must be a floating point tensor "
+                                  f"(float16, bfloat16, float32 or float64), got {input.dtype}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -74,7 +77,7 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
     if target.device != input.device:
         raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on "
                            f"{input.device}; both must be on the same device")
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    n_classes = 1 if input.dim() == 0 else input.shape[0 if input.dim() == 1 else 1]
     if weight is not None:
         if weight.dim() != 1 or weight.numel() != n_classes:
             raise RuntimeError("weight tensor should be defined either for all "
@@ -145,13 +148,19 @@ def cross_entropy(
     else:
         n, c = input.shape[0], input.shape[1]
         row_shape = (n,) + tuple(input.shape[2:])
-        x3 = input.reshape(n, c, -1) if input.dim() > 2 else input.unsqueeze(-1)
+        x3 = input.reshape(n, c, math.prod(input.shape[2:]))
     if prob:
-        t3 = target.reshape(x3.shape).to(input.dtype)
+        t3 = target.reshape(x3.shape)
     else:
         t3 = target.reshape(x3.shape[0], x3.shape[2]).long()
 
-    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    if prob and target.dtype != input.dtype:
+        # torch computes in the promoted dtype (float32 logits, float64 targets -> float64).
+        common = torch.promote_types(input.dtype, target.dtype)
+        x3, t3 = x3.to(common), t3.to(common)
+        weight = weight.to(common) if weight is not None else None
+
+    compute_grad = torch.is_grad_enabled() and x3.requires_grad
     loss, lse, _ = _ops.fwd(x3, t3, weight, red, ignore_index, float(label_smoothing),
                             float(logit_scale), float(softcap or 0.0), float(z_loss),
                             compute_grad)

@@ -102,14 +102,15 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
   const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
   const RowOptions& o = a.opt;
   const int64_t C = o.num_classes;
-  const xent_cpu::VecTransform tr{o.logit_scale, o.softcap};
+  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale),
+                                  static_cast<float>(o.softcap)};
   const scalar_t* X = a.input.const_data_ptr<scalar_t>();
   const int64_t* T = a.target.const_data_ptr<int64_t>();
   const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
   scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
   const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
   const float w_sum = total_of(w, C);
-  const bool smooth = o.label_smoothing > 0.f;
+  const bool smooth = o.label_smoothing > 0.0;
   float* loss_out = a.loss_rows.mutable_data_ptr<float>();
   float* lse_out = a.lse.mutable_data_ptr<float>();
 
