@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "cpu/huge_alloc.h"
+
 namespace xent {
 namespace {
 
@@ -88,7 +90,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
                             : index_total_weight(a.target, a.weight, ignore_index, C, acc);
     if (compute_grad) a.grad_scale = divisor.reciprocal();
   }
-  if (compute_grad) a.grad = at::empty_like(a.input);
+  if (compute_grad) {
+    a.grad = a.input.is_cpu() ? xent_cpu::empty_like_huge_pages(a.input)
+                              : at::empty_like(a.input, at::MemoryFormat::Contiguous);
+  }
 
   if (N * S > 0) kernel(a);
 

@@ -44,6 +44,10 @@ def _setup_context(ctx, inputs, output):
     (input, target, weight, reduction, _ii, label_smoothing, logit_scale, softcap, _z,
      compute_grad) = inputs
     _, lse, grad = output
+    # lse and the gradient buffer are not differentiable outputs: without this, autograd would
+    # fill an N x C tensor of zeros as their incoming gradient on every backward.
+    ctx.mark_non_differentiable(lse, grad)
+    ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
     ctx.reduction = reduction
     ctx.label_smoothing = label_smoothing
@@ -78,6 +82,8 @@ def _transformed(input, logit_scale, softcap):
 def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
     saved = ctx.saved_tensors
     grad_input = grad_target = None
+    if grad_loss is None:  # nothing flows back through the loss
+        return (None,) * 10
     if ctx.needs_input_grad[0]:
         if not ctx.compute_grad:
             raise RuntimeError(
