@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/huge_alloc.h"
 
 TORCH_LIBRARY(xent_ext, m) {
   m.def(
@@ -38,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return y;
       },
       "exp(x) computed by the CPU kernels' vector exp (for accuracy tests).");
+  m.def("empty_cpu_cache", &xent_cpu::empty_cache,
+        "Free the cached CPU gradient buffers; returns the bytes released.");
   m.def("has_cuda", []() {
 #ifdef XENT_WITH_CUDA
     return true;

@@ -8,11 +8,11 @@
 """
 
 from . import _ops, reference
-from ._C import cpu_isa, has_cuda, set_cpu_isa
+from ._C import cpu_isa, empty_cpu_cache, has_cuda, set_cpu_isa
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .patching import is_patched, patch, unpatch
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "patch", "unpatch", "is_patched", "reference",
-           "cpu_isa", "set_cpu_isa", "has_cuda", "_ops"]
+           "cpu_isa", "set_cpu_isa", "has_cuda", "empty_cpu_cache", "_ops"]
 __version__ = "0.1.0"

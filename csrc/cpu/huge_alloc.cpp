@@ -1,29 +1,94 @@
 #include "huge_alloc.h"
 
 #include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace xent_cpu {
+namespace {
+
+constexpr size_t kHuge = size_t(2) << 20;
+
+struct Cache {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free_list;  // (bytes, pointer)
+  size_t cached = 0;
+  size_t limit = 0;
+
+  Cache() {
+    const char* env = std::getenv("XENT_CPU_CACHE_MB");
+    limit = (env != nullptr ? std::stoull(env) : 4096ull) << 20;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < free_list.size(); ++i) {
+      if (free_list[i].first == bytes) {
+        void* p = free_list[i].second;
+        free_list.erase(free_list.begin() + i);
+        cached -= bytes;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  void give_back(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (cached + bytes <= limit) {
+        free_list.emplace_back(bytes, p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  int64_t release_all() {
+    std::lock_guard<std::mutex> lock(mu);
+    const size_t released = cached;
+    for (auto& entry : free_list) std::free(entry.second);
+    free_list.clear();
+    cached = 0;
+    return static_cast<int64_t>(released);
+  }
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // leaked on purpose: deleters may run at interpreter exit
+  return *c;
+}
+
+}  // namespace
 
 at::Tensor empty_like_huge_pages(const at::Tensor& like) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
   if (bytes >= 4 * kHuge) {
     const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = std::aligned_alloc(kHuge, rounded);
+    void* p = cache().take(rounded);
+    if (p == nullptr) {
+      p = std::aligned_alloc(kHuge, rounded);
+      if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure costs speed
+    }
     if (p != nullptr) {
-      madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure only costs speed
       return at::from_blob(
-          p, like.sizes(), [](void* q) { std::free(q); },
+          p, like.sizes(), [rounded](void* q) { cache().give_back(q, rounded); },
           like.options().memory_format(c10::nullopt));
     }
   }
 #endif
   return at::empty_like(like, at::MemoryFormat::Contiguous);
+}
+
+int64_t empty_cache() {
+  return cache().release_all();
 }
 
 }  // namespace xent_cpu

@@ -1,14 +1,21 @@
-// Large CPU output buffers backed by transparent huge pages.
+// Large CPU output buffers: transparent huge pages and a small cache of freed buffers.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+
 namespace xent_cpu {
 
 // An uninitialised contiguous tensor like `like`.  A gradient buffer the size of the logits is
-// written once, right after allocation; with 4 KiB pages the first touch of each page (a page
-// fault, and the kernel zeroing it) costs about as much as the whole fused pass, so buffers of
-// several MiB are aligned to 2 MiB and marked for huge pages (Linux; elsewhere at::empty_like).
+// written once, right after allocation.  Fresh memory costs a page fault per 4 KiB page and
+// the kernel zeroing it, about as much as the whole fused pass, so buffers of several MiB are
+// 2 MiB aligned and marked for huge pages (Linux), and freed ones are kept (up to
+// XENT_CPU_CACHE_MB, default 4096) for the next call of the same size, as the CUDA caching
+// allocator does.  Elsewhere, or for small tensors: at::empty_like.
 at::Tensor empty_like_huge_pages(const at::Tensor& like);
+
+// Returns the cached buffers to the system; returns the bytes released.
+int64_t empty_cache();
 
 }  // namespace xent_cpu

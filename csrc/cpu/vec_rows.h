@@ -25,16 +25,30 @@ struct RowStats {
   float dot_ref;  // sum_j w_j (y_j - ref) when asked for, else 0
 };
 
+// Rows are processed in chunks of this many elements: the chunk's max, then its exps, while it
+// sits in L1 (8 KiB of float32); large enough that the per-chunk rescale is negligible.
+constexpr int64_t kVecChunk = 2048;
+
+// Exps a stats pass keeps for the gradient pass, so each element costs one exp in all.
+struct RowKeep {
+  float* e;          // n values: exp(y_j - running max of y_j's chunk)
+  float* chunk_max;  // one value per chunk: that running max
+};
+
 struct VecKernels {
   const char* name;
   // One pass over a contiguous row of n logits: chunk by chunk, the chunk's max (from L1) and
   // then its sum of exp relative to the running max: one exp per element.  With want_dot, also
-  // the weighted sum of (y_j - ref); w == nullptr means unit weights.
+  // the weighted sum of (y_j - ref); w == nullptr means unit weights.  With keep (ignored when
+  // softcap is on), the exps are kept for grad_kept.
   RowStats (*stats)(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w,
-                    bool want_dot, float ref);
+                    bool want_dot, float ref, RowKeep* keep);
   // g_j = (a * exp(y_j - lse) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
   void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
                float b, const float* w);
+  // The same gradient from the exps kept by stats (no softcap): no exp per element.
+  void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse,
+                    float a, float b, const float* w);
   // y = exp(x) with the kernels' own vector exp (exposed so its accuracy can be tested).
   void (*exp)(const float* x, float* y, int64_t n);
 };

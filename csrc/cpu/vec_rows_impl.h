@@ -48,10 +48,9 @@ typedef float vf __attribute__((vector_size(W * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4), aligned(4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2), aligned(2)));
-
-// Chunk of a row whose max is taken before its exps: small enough to stay in L1 between the
-// two sweeps (8 KiB of float32), large enough that the per-chunk rescale is negligible.
-constexpr int64_t kChunk = 2048;
+// Unaligned, aliasing views for loads and stores (one instruction each, no memcpy call).
+typedef float vf_mem __attribute__((vector_size(W * 4), aligned(1), may_alias));
+typedef uint16_t vh_mem __attribute__((vector_size(W * 2), aligned(1), may_alias));
 
 inline vf splat(float v) {
   return vf{} + v;
@@ -93,6 +92,27 @@ inline float scalar_exp(float x) {
 // Cephes degree-6 polynomial for exp(r).  Maximum error measured against exp in float64
 // over [-87.3, 88.3]: 2 ulp (tests/test_cpu_paths.py checks it).  Below -87.33 (where the
 // result would be subnormal) it returns 0; NaN stays NaN.
+#if defined(XENT_VEC_AVX512)
+// AVX-512: the same reduction and polynomial, with vrndscaleps for the rounding and vscalefps
+// for the 2^n scaling (which also overflows to inf correctly); lanes below the normal range
+// (and -inf) are zeroed by the mask, NaN lanes stay NaN.
+inline vf vexp(vf x) {
+  const __m512 xv = (__m512)x;
+  const __mmask16 normal = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = (vf)_mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), xv);
+  r = (vf)_mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), (__m512)r);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  return (vf)_mm512_maskz_scalef_ps(normal, (__m512)p, fn);
+}
+#else
 inline vf vexp(vf x) {
   const vf lo = splat(-87.33654f), hi = splat(88.3f);
   const vi underflow = x < lo;
@@ -115,6 +135,7 @@ inline vf vexp(vf x) {
   const vf res = p * as_f(scale);
   return underflow ? splat(0.f) : res;
 }
+#endif
 
 // tanh(u) = 1 - 2 / (exp(2u) + 1), odd-symmetric form for accuracy near 0 is not needed at
 // the tolerances of a softcapped loss; the sign is restored from u.
@@ -186,42 +207,52 @@ struct Io;
 template <>
 struct Io<Dtype::f32> {
   using elem = float;
-  static vf load(const float* p) {
-    vf v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+  static vf load(const float* p) { return *reinterpret_cast<const vf_mem*>(p); }
+  static void store(float* p, vf v) { *reinterpret_cast<vf_mem*>(p) = v; }
   static float neg_inf() { return -__builtin_inff(); }
 };
 template <>
 struct Io<Dtype::bf16> {
   using elem = uint16_t;
-  static vf load(const uint16_t* p) {
-    vh v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return bf2f(v);
-  }
-  static void store(uint16_t* p, vf v) {
-    const vh h = f2bf(v);
-    __builtin_memcpy(p, &h, sizeof h);
-  }
+  static vf load(const uint16_t* p) { return bf2f(*reinterpret_cast<const vh_mem*>(p)); }
+  static void store(uint16_t* p, vf v) { *reinterpret_cast<vh_mem*>(p) = f2bf(v); }
   static uint16_t neg_inf() { return 0xff80u; }
 };
 template <>
 struct Io<Dtype::f16> {
   using elem = uint16_t;
-  static vf load(const uint16_t* p) {
-    vh v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return h2f(v);
-  }
-  static void store(uint16_t* p, vf v) {
-    const vh h = f2h(v);
-    __builtin_memcpy(p, &h, sizeof h);
-  }
+  static vf load(const uint16_t* p) { return h2f(*reinterpret_cast<const vh_mem*>(p)); }
+  static void store(uint16_t* p, vf v) { *reinterpret_cast<vh_mem*>(p) = f2h(v); }
   static uint16_t neg_inf() { return 0xfc00u; }
 };
+
+// A streaming (non-temporal) store of W elements to an address aligned to W elements: the
+// gradient is written once and read much later, so it need not be read into the cache first.
+template <Dtype D>
+inline void store_stream(typename Io<D>::elem* p, vf v) {
+#if defined(XENT_VEC_AVX512)
+  if constexpr (D == Dtype::f32) {
+    _mm512_stream_ps(p, (__m512)v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                        (__m256i)(D == Dtype::bf16 ? f2bf(v) : f2h(v)));
+  }
+#elif defined(XENT_VEC_AVX2)
+  if constexpr (D == Dtype::f32) {
+    _mm256_stream_ps(p, (__m256)v);
+  } else {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)(D == Dtype::bf16 ? f2bf(v) : f2h(v)));
+  }
+#else
+  Io<D>::store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(XENT_VEC_AVX512) || defined(XENT_VEC_AVX2)
+  _mm_sfence();  // order the streaming stores before anything the caller writes next
+#endif
+}
 
 // The last n < W elements, padded with -inf (which every kernel here treats as "absent").
 template <Dtype D>
@@ -255,44 +286,79 @@ inline vf slope(vf x, VecTransform t) {
   return x == -__builtin_inff() ? splat(0.f) : s;
 }
 
-// ----- the two row kernels ------------------------------------------------------------------
-template <Dtype D, bool kCap>
-RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, bool want_dot,
-                    float ref) {
+// ----- the row kernels ----------------------------------------------------------------------
+template <Dtype D>
+inline vf load_any(const typename Io<D>::elem* p, int64_t left) {
+  return left >= W ? Io<D>::load(p) : load_tail<D>(p, left);
+}
+
+inline void store_tail_f32(float* p, vf v, int64_t left) {
+  if (left >= W) {
+    Io<Dtype::f32>::store(p, v);
+  } else {
+    float buf[W];
+    Io<Dtype::f32>::store(buf, v);
+    __builtin_memcpy(p, buf, left * sizeof(float));
+  }
+}
+
+// kDot: also sum w_j (y_j - ref).  kKeep: also store exp(y_j - running max) and each chunk's
+// running max, so that the gradient pass needs no second exp (plain transform only).
+template <Dtype D, bool kCap, bool kDot, bool kKeep>
+RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, float ref,
+                    RowKeep* keep) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
   const float ninf = -__builtin_inff();
   float run_max = ninf, run_sum = 0.f;
   vf dot = splat(0.f);
   const vi lane = iota();
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-    // Sweep 1: the chunk's max (brings the chunk into L1).
-    vf m = splat(ninf);
+  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
+    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
+    // Sweep 1: the chunk's max (brings the chunk into L1).  Two accumulators for ILP.
+    vf m0 = splat(ninf), m1 = splat(ninf);
     int64_t i = c0;
-    for (; i + W <= c1; i += W) m = vmax(m, transform<kCap>(Io<D>::load(x + i), t));
-    if (i < c1) m = vmax(m, transform<kCap>(load_tail<D>(x + i, c1 - i), t));
-    const float cmax = hmax(m);
+    for (; i + 2 * W <= c1; i += 2 * W) {
+      m0 = vmax(m0, transform<kCap>(Io<D>::load(x + i), t));
+      m1 = vmax(m1, transform<kCap>(Io<D>::load(x + i + W), t));
+    }
+    for (; i < c1; i += W) m0 = vmax(m0, transform<kCap>(load_any<D>(x + i, c1 - i), t));
+    const float cmax = hmax(vmax(m0, m1));
     if (cmax > run_max) {
       run_sum = run_max == ninf ? 0.f : run_sum * scalar_exp(run_max - cmax);
       run_max = cmax;
     }
-    // Sweep 2: exps against the updated running max (from L1).
-    const bool all_masked = run_max == ninf;
+    if (kKeep) keep->chunk_max[chunk] = run_max;
+    // Sweep 2: exps against the updated running max (from L1).  A chunk whose running max is
+    // still -inf holds only -inf: its exps are 0 (and exp(-inf - -inf) would be NaN).
+    const bool live = run_max != ninf;
     const vf mv = splat(run_max);
-    vf s = splat(0.f);
-    for (i = c0; i < c1; i += W) {
+    vf s0 = splat(0.f), s1 = splat(0.f);
+    for (i = c0; i + W <= c1; i += W) {
+      const vf y = transform<kCap>(Io<D>::load(x + i), t);
+      const vf e = live ? vexp(y - mv) : splat(0.f);
+      if (((i - c0) / W) & 1) {
+        s1 += e;
+      } else {
+        s0 += e;
+      }
+      if (kKeep) Io<Dtype::f32>::store(keep->e + i, e);
+      if (kDot) dot += load_w(w, i, W) * (y - ref);
+    }
+    if (i < c1) {
       const int64_t left = c1 - i;
-      const vf y = transform<kCap>(left >= W ? Io<D>::load(x + i) : load_tail<D>(x + i, left), t);
-      if (!all_masked) s += vexp(y - mv);
-      if (want_dot) {
+      const vf y = transform<kCap>(load_tail<D>(x + i, left), t);
+      const vf e = live ? vexp(y - mv) : splat(0.f);  // padded lanes are -inf: exp gives 0
+      s0 += e;
+      if (kKeep) store_tail_f32(keep->e + i, e, left);
+      if (kDot) {
         const vf d = load_w(w, i, left) * (y - ref);
-        dot += left >= W ? d : (lane < static_cast<int32_t>(left) ? d : splat(0.f));
+        dot += lane < static_cast<int32_t>(left) ? d : splat(0.f);
       }
     }
-    run_sum += hsum(s);
+    run_sum += hsum(s0 + s1);
   }
   // A NaN logit is invisible to max but not to exp(NaN - max): the sum carries it.
-  return RowStats{run_max, run_sum, want_dot ? hsum(dot) : 0.f};
+  return RowStats{run_max, run_sum, kDot ? hsum(dot) : 0.f};
 }
 
 template <Dtype D, bool kCap>
@@ -301,39 +367,86 @@ void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, f
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
   auto* g = static_cast<typename Io<D>::elem*>(gv);
   const vf lv = splat(lse);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vf xi = Io<D>::load(x + i);
-    vf gi = vexp(transform<kCap>(xi, t) - lv) * a - load_w(w, i, W) * b;
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t left = n - i;
+    const vf xi = load_any<D>(x + i, left);
+    vf gi = vexp(transform<kCap>(xi, t) - lv) * a - load_w(w, i, left) * b;
     if (kCap || t.scale != 1.f) gi *= slope<kCap>(xi, t);
-    Io<D>::store(g + i, gi);
+    if (left >= W) {
+      Io<D>::store(g + i, gi);
+    } else {
+      typename Io<D>::elem buf[W];
+      Io<D>::store(buf, gi);
+      __builtin_memcpy(g + i, buf, left * sizeof(buf[0]));
+    }
   }
-  if (i < n) {
-    const vf xi = load_tail<D>(x + i, n - i);
-    vf gi = vexp(transform<kCap>(xi, t) - lv) * a - load_w(w, i, n - i) * b;
-    if (kCap || t.scale != 1.f) gi *= slope<kCap>(xi, t);
-    typename Io<D>::elem buf[W];
-    Io<D>::store(buf, gi);
-    __builtin_memcpy(g + i, buf, (n - i) * sizeof(buf[0]));
+}
+
+// The gradient from the exps a stats pass kept: p_j = e_j * exp(chunk_max - lse).
+template <Dtype D>
+void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float lse, float a,
+                    float b, const float* w) {
+  auto* g = static_cast<typename Io<D>::elem*>(gv);
+  const bool stream = reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0;
+  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
+    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
+    const float cm = keep.chunk_max[chunk];
+    const vf f = splat(cm == -__builtin_inff() ? 0.f : a * scale * scalar_exp(cm - lse));
+    const float bs = b * scale;
+    for (int64_t i = c0; i < c1; i += W) {
+      const int64_t left = c1 - i;
+      vf e;
+      if (left >= W) {
+        e = Io<Dtype::f32>::load(keep.e + i);
+      } else {
+        float buf[W] = {};
+        __builtin_memcpy(buf, keep.e + i, left * sizeof(float));
+        e = Io<Dtype::f32>::load(buf);
+      }
+      const vf gi = f * e - load_w(w, i, left) * bs;
+      if (left >= W) {
+        if (stream) {
+          store_stream<D>(g + i, gi);
+        } else {
+          Io<D>::store(g + i, gi);
+        }
+      } else {
+        typename Io<D>::elem buf[W];
+        Io<D>::store(buf, gi);
+        __builtin_memcpy(g + i, buf, left * sizeof(buf[0]));
+      }
+    }
   }
+  if (stream) stream_fence();
+}
+
+template <Dtype D, bool kCap, bool kDot>
+RowStats stats_keep(const void* x, int64_t n, VecTransform t, const float* w, float ref,
+                    RowKeep* keep) {
+  if (!kCap && keep != nullptr) return stats_impl<D, kCap, kDot, true>(x, n, t, w, ref, keep);
+  return stats_impl<D, kCap, kDot, false>(x, n, t, w, ref, nullptr);
 }
 
 template <Dtype D>
 RowStats stats_dt(const void* x, int64_t n, VecTransform t, const float* w, bool want_dot,
-                  float ref) {
-  return t.softcap > 0.f ? stats_impl<D, true>(x, n, t, w, want_dot, ref)
-                         : stats_impl<D, false>(x, n, t, w, want_dot, ref);
+                  float ref, RowKeep* keep) {
+  if (t.softcap > 0.f) {
+    return want_dot ? stats_keep<D, true, true>(x, n, t, w, ref, keep)
+                    : stats_keep<D, true, false>(x, n, t, w, ref, keep);
+  }
+  return want_dot ? stats_keep<D, false, true>(x, n, t, w, ref, keep)
+                  : stats_keep<D, false, false>(x, n, t, w, ref, keep);
 }
 
 RowStats stats(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w, bool want_dot,
-               float ref) {
+               float ref, RowKeep* keep) {
   switch (dt) {
     case Dtype::f16:
-      return stats_dt<Dtype::f16>(x, n, t, w, want_dot, ref);
+      return stats_dt<Dtype::f16>(x, n, t, w, want_dot, ref, keep);
     case Dtype::bf16:
-      return stats_dt<Dtype::bf16>(x, n, t, w, want_dot, ref);
+      return stats_dt<Dtype::bf16>(x, n, t, w, want_dot, ref, keep);
     default:
-      return stats_dt<Dtype::f32>(x, n, t, w, want_dot, ref);
+      return stats_dt<Dtype::f32>(x, n, t, w, want_dot, ref, keep);
   }
 }
 
@@ -359,6 +472,18 @@ void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse
   }
 }
 
+void grad_kept(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse, float a,
+               float b, const float* w) {
+  switch (dt) {
+    case Dtype::f16:
+      return grad_kept_impl<Dtype::f16>(keep, g, n, scale, lse, a, b, w);
+    case Dtype::bf16:
+      return grad_kept_impl<Dtype::bf16>(keep, g, n, scale, lse, a, b, w);
+    default:
+      return grad_kept_impl<Dtype::f32>(keep, g, n, scale, lse, a, b, w);
+  }
+}
+
 void exp_rows(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + W <= n; i += W) Io<Dtype::f32>::store(y + i, vexp(Io<Dtype::f32>::load(x + i)));
@@ -373,7 +498,7 @@ void exp_rows(const float* x, float* y, int64_t n) {
 
 #define XENT_STR2(x) #x
 #define XENT_STR(x) XENT_STR2(x)
-const VecKernels table = {XENT_STR(XENT_ISA_NS), &stats, &grad, &exp_rows};
+const VecKernels table = {XENT_STR(XENT_ISA_NS), &stats, &grad, &grad_kept, &exp_rows};
 
 }  // namespace XENT_ISA_NS
 }  // namespace xent_cpu

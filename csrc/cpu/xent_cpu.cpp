@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../xent_forward.h"
 #include "../xent_row.h"
@@ -102,8 +103,7 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
   const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
   const RowOptions& o = a.opt;
   const int64_t C = o.num_classes;
-  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale),
-                                  static_cast<float>(o.softcap)};
+  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), static_cast<float>(o.softcap)};
   const scalar_t* X = a.input.const_data_ptr<scalar_t>();
   const int64_t* T = a.target.const_data_ptr<int64_t>();
   const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
@@ -113,6 +113,11 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
   const bool smooth = o.label_smoothing > 0.0;
   float* loss_out = a.loss_rows.mutable_data_ptr<float>();
   float* lse_out = a.lse.mutable_data_ptr<float>();
+  // With a gradient to write and no softcap, the stats pass keeps its exps (in this task's
+  // scratch, which stays in L2 for rows up to ~10^5 classes) and the gradient pass reuses them.
+  const bool keep_exps = G != nullptr && !(o.softcap > 0.0);
+  std::vector<float> scratch(keep_exps ? C + C / xent_cpu::kVecChunk + 1 : 0);
+  xent_cpu::RowKeep keep{scratch.data(), scratch.data() + C};
 
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* x = X + r * C;
@@ -120,7 +125,8 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
     const bool valid = target_is_valid(t, o, bad);
     IndexRow<float> ir{};
     ir.ref = transform_logit(float(x[0]), o);
-    const xent_cpu::RowStats st = k.stats(x, dt, C, tr, w, smooth, ir.ref);
+    const xent_cpu::RowStats st =
+        k.stats(x, dt, C, tr, w, smooth, ir.ref, keep_exps && valid ? &keep : nullptr);
     const float lse = ms_lse(MaxSum<float>{st.max, st.sum});
     ir.w_sum = w_sum;
     ir.dot_ref = st.dot_ref;
@@ -137,7 +143,11 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
       continue;
     }
     const GradCoef<float> gc = index_grad_coef(ir, lse, valid, s, o);
-    k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+    if (keep_exps) {
+      k.grad_kept(keep, g, dt, C, tr.scale, lse, gc.a, gc.b, w);
+    } else {
+      k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+    }
     // The target element again, from scratch in float: p - 1 rounded once to the dtype.
     g[t] = static_cast<scalar_t>(
         grad_element(float(x[t]), lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
