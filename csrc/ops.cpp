@@ -5,6 +5,7 @@
 //   input) and, when compute_grad, the gradient of the reduced loss (softmax - target, scaled
 //   for the reduction), else an empty tensor.  The Python layer registers its fake kernel and
 //   its autograd formula.
+// cross_entropy_fwd_inplace_: the same, with the gradient written over the (contiguous) input.
 // scale_grad_: grad *= scale in place, skipping rows whose scale is exactly 1 (the backward).
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -17,6 +18,10 @@ TORCH_LIBRARY(xent_ext, m) {
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float logit_scale, float softcap, "
       "float z_loss, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor grad)");
+  m.def(
+      "cross_entropy_fwd_inplace_(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "int reduction, int ignore_index, float label_smoothing, float logit_scale, "
+      "float softcap, float z_loss) -> (Tensor loss, Tensor lse)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 

@@ -63,11 +63,17 @@ at::Tensor index_total_weight(const at::Tensor& target, const at::Tensor& weight
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    double softcap, double z_loss, bool compute_grad, RowKernel kernel) {
+    double softcap, double z_loss, GradMode grad_mode, RowKernel kernel) {
+  const bool compute_grad = grad_mode != GradMode::kNone;
   check_args(input_, target_, weight_, reduction, label_smoothing, softcap, z_loss);
   const at::ScalarType acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = input_.size(0), C = input_.size(1), S = input_.size(2);
 
+  if (grad_mode == GradMode::kIntoInput) {
+    TORCH_CHECK(input_.is_contiguous(),
+                "cross_entropy_fwd_inplace_: the logits must be contiguous to receive their "
+                "gradient in place");
+  }
   ForwardArgs a;
   a.input = input_.contiguous();
   a.target = target_.contiguous();
@@ -90,7 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
                             : index_total_weight(a.target, a.weight, ignore_index, C, acc);
     if (compute_grad) a.grad_scale = divisor.reciprocal();
   }
-  if (compute_grad) {
+  if (grad_mode == GradMode::kIntoInput) {
+    a.grad = a.input;
+  } else if (compute_grad) {
     a.grad = a.input.is_cpu() ? xent_cpu::empty_like_huge_pages(a.input)
                               : at::empty_like(a.input, at::MemoryFormat::Contiguous);
   }

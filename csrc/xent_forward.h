@@ -29,12 +29,17 @@ using RowKernel = void (*)(ForwardArgs&);
 // Reduction codes, as at::Reduction.
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
+// How the gradient is produced.
+enum class GradMode { kNone, kNewBuffer, kIntoInput };
+
 // Returns (loss reduced and rounded to the input dtype, lse (N, S), grad (N, C, S) or an empty
-// tensor).  The gradient is that of the reduced loss for an incoming gradient of 1.
+// tensor).  The gradient is that of the reduced loss for an incoming gradient of 1; with
+// kIntoInput it overwrites the (contiguous) input, which is then also what is returned.
+// Kernels must read every logit of a row they need before writing its gradient element.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    double softcap, double z_loss, bool compute_grad, RowKernel kernel);
+    double softcap, double z_loss, GradMode grad_mode, RowKernel kernel);
 
 // Multiplies grad (N, C, S) in place by scale (one value, or one per row (N, S)).  Rows whose
 // scale is exactly 1 are not touched: the common `loss.backward()` costs nothing.

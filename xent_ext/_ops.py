@@ -17,6 +17,7 @@ from . import _C  # noqa: F401  (loads the library that defines the operators)
 _REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2
 
 fwd = torch.ops.xent_ext.cross_entropy_fwd
+fwd_inplace_ = torch.ops.xent_ext.cross_entropy_fwd_inplace_
 scale_grad_ = torch.ops.xent_ext.scale_grad_
 
 
@@ -33,6 +34,14 @@ def _fwd_fake(input, target, weight, reduction, ignore_index, label_smoothing, l
     grad = (torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad
             else input.new_empty((0,)))
     return loss, lse, grad
+
+
+@torch.library.register_fake("xent_ext::cross_entropy_fwd_inplace_")
+def _fwd_inplace_fake(input, target, weight, reduction, ignore_index, label_smoothing,
+                      logit_scale, softcap, z_loss):
+    loss, lse, _ = _fwd_fake(input, target, weight, reduction, ignore_index, label_smoothing,
+                             logit_scale, softcap, z_loss, False)
+    return loss, lse
 
 
 @torch.library.register_fake("xent_ext::scale_grad_")
@@ -62,6 +71,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
+def _scaled_saved_grad(ctx, grad, grad_loss):
+    """The saved gradient times the incoming gradient: in place the first time (free when the
+    incoming gradient is exactly 1), as a new tensor after that."""
+    if ctx.first_scale is None:
+        scale_grad_(grad, grad_loss)
+        ctx.first_scale = grad_loss.detach()
+        return grad
+    return _rescaled(grad, grad_loss, ctx.first_scale)
+
+
 def _rescaled(grad, new_scale, first_scale):
     """A later backward: the buffer holds gradient * first_scale.  A first scale of 0 cannot be
     undone; the division then yields NaN rather than a silently wrong zero."""
@@ -89,13 +108,7 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
             raise RuntimeError(
                 "xent_ext: the forward ran without computing the gradient (input did not "
                 "require grad when the loss was computed)")
-        grad = saved[0]
-        if ctx.first_scale is None:
-            scale_grad_(grad, grad_loss)
-            ctx.first_scale = grad_loss.detach()
-            grad_input = grad
-        else:
-            grad_input = _rescaled(grad, grad_loss, ctx.first_scale)
+        grad_input = _scaled_saved_grad(ctx, saved[0], grad_loss)
     if ctx.needs_input_grad[1] and ctx.prob_target_grad:
         _, input, lse, weight = saved
         n, c, s = input.shape
@@ -115,3 +128,35 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
 
 torch.library.register_autograd("xent_ext::cross_entropy_fwd", _backward,
                                 setup_context=_setup_context)
+
+
+class InplaceCrossEntropy(torch.autograd.Function):
+    """The forward writes the gradient over the logits (cross_entropy_fwd_inplace_); the
+    backward scales that storage in place and hands it on.  Forward + backward then need no
+    N x C buffer besides the logits themselves, which are clobbered."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
+                softcap, z_loss):
+        loss, lse = fwd_inplace_(input, target, weight, reduction, ignore_index,
+                                 label_smoothing, logit_scale, softcap, z_loss)
+        if not torch.compiler.is_compiling():
+            # Any other autograd node that saved these logits now fails loudly at its backward
+            # ("modified by an inplace operation") instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(input)
+        return loss, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.first_scale = None
+        ctx.save_for_backward(inputs[0])  # holds the gradient now
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        if grad_loss is None:
+            return (None,) * 9
+        (grad,) = ctx.saved_tensors
+        grad_input = _scaled_saved_grad(ctx, grad.detach(), grad_loss)
+        return (grad_input,) + (None,) * 8

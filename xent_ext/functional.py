@@ -116,6 +116,7 @@ def cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_lse: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor | tuple[Tensor, ...]:
     """Cross entropy between logits and targets, as torch.nn.functional.cross_entropy.
 
@@ -132,6 +133,11 @@ def cross_entropy(
       logit_scale: logits are multiplied by it first.
       return_lse: also returns the per-row log-sum-exp (float32, float64 for float64 input;
         shape of the target for class indices), not differentiable.
+      inplace_backward: the gradient is written into the logits' storage during the forward,
+        so forward + backward need no buffer the size of the logits besides the logits: the
+        logits are clobbered (read them before, never after).  Refused for a leaf that
+        requires grad and for non-contiguous logits; another autograd use of the same logits
+        fails loudly at its backward.
     Returns the loss, or (loss, z_loss term?, lse?) in that order when asked for.
     """
     if size_average is not None or reduce is not None:
@@ -161,9 +167,13 @@ def cross_entropy(
         weight = weight.to(common) if weight is not None else None
 
     compute_grad = torch.is_grad_enabled() and x3.requires_grad
-    loss, lse, _ = _ops.fwd(x3, t3, weight, red, ignore_index, float(label_smoothing),
-                            float(logit_scale), float(softcap or 0.0), float(z_loss),
-                            compute_grad)
+    options = (red, ignore_index, float(label_smoothing), float(logit_scale),
+               float(softcap or 0.0), float(z_loss))
+    if inplace_backward and compute_grad:
+        _check_inplace(input, x3)
+        loss, lse = _ops.InplaceCrossEntropy.apply(x3, t3, weight, *options)
+    else:
+        loss, lse, _ = _ops.fwd(x3, t3, weight, *options, compute_grad)
     if red == _ops._REDUCTION_NONE:
         loss = loss.reshape(row_shape)
     if not (return_z_loss or return_lse):
@@ -175,6 +185,15 @@ def cross_entropy(
     if return_lse:
         out.append(lse.reshape(row_shape))
     return tuple(out)
+
+
+def _check_inplace(input: Tensor, x3: Tensor) -> None:
+    if input.is_leaf and input.requires_grad:
+        raise RuntimeError("cross_entropy: inplace_backward=True would overwrite a leaf tensor "
+                           "that requires grad; pass the output of a layer, or turn it off")
+    if not input.is_contiguous():  # then x3 is a view of it, not a copy
+        raise RuntimeError("cross_entropy: inplace_backward=True needs contiguous logits "
+                           "(the gradient is written over them)")
 
 
 def _z_loss_term(lse: Tensor, t3: Tensor, weight: Tensor | None, prob: bool, red: int,

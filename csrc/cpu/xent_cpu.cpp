@@ -143,14 +143,15 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
       continue;
     }
     const GradCoef<float> gc = index_grad_coef(ir, lse, valid, s, o);
+    const float x_t = float(x[t]);
     if (keep_exps) {
       k.grad_kept(keep, g, dt, C, tr.scale, lse, gc.a, gc.b, w);
     } else {
       k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
     }
     // The target element again, from scratch in float: p - 1 rounded once to the dtype.
-    g[t] = static_cast<scalar_t>(
-        grad_element(float(x[t]), lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+    // x_t was read before the sweep: with an in-place gradient, x[t] is overwritten by now.
+    g[t] = static_cast<scalar_t>(grad_element(x_t, lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
   }
 }
 
@@ -181,8 +182,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     double softcap, double z_loss, bool compute_grad) {
-  return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
-                               logit_scale, softcap, z_loss, compute_grad, &forward_cpu_kernel);
+  return cross_entropy_forward(
+      input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+      compute_grad ? GradMode::kNewBuffer : GradMode::kNone, &forward_cpu_kernel);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_inplace_cpu(at::Tensor& input, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       int64_t reduction, int64_t ignore_index,
+                                                       double label_smoothing, double logit_scale,
+                                                       double softcap, double z_loss) {
+  auto [loss, lse, grad] = cross_entropy_forward(input, target, weight, reduction, ignore_index,
+                                                 label_smoothing, logit_scale, softcap, z_loss,
+                                                 GradMode::kIntoInput, &forward_cpu_kernel);
+  return {loss, lse};
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
@@ -216,5 +229,6 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
 
 TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
   m.impl("cross_entropy_fwd", &xent::forward_cpu);
+  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_cpu);
   m.impl("scale_grad_", &xent::scale_grad_cpu);
 }

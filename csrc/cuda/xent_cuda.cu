@@ -77,7 +77,10 @@ __device__ Partial<acc> block_reduce(Partial<acc> p) {
   __shared__ Partial<acc> warp_part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   p = warp_reduce(p);
-  if (blockDim.x == 32) return p;
+  if (blockDim.x == 32) {
+    __syncwarp();  // orders the lanes' earlier reads before any later (in-place) writes
+    return p;
+  }
   if (lane == 0) warp_part[warp] = p;
   __syncthreads();
   if (warp == 0) {
@@ -147,6 +150,9 @@ __global__ void __launch_bounds__(1024) rows_kernel(KernelArgs<scalar_t> k) {
         }
       }
     }
+    // The target logit is read before the block-wide reduction: with the gradient written in
+    // place, the reduction's barrier is what orders this read before any overwrite.
+    const acc y_t = (!kProb && valid) ? transform_logit(acc(x[t]), o) : acc(0);
     part = block_reduce(part);
     const acc lse = ms_lse(part.ms);
 
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(1024) rows_kernel(KernelArgs<scalar_t> k) {
       ir.dot_ref = part.d0;
       if (valid) {
         ir.w_t = k.w ? k.w[t] : acc(1);
-        ir.y_t = transform_logit(acc(x[t]), o);
+        ir.y_t = y_t;
       }
       loss = index_row_loss(ir, lse, valid, o);
       gc = index_grad_coef(ir, lse, valid, s, o);
@@ -299,8 +305,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     double softcap, double z_loss, bool compute_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
-                               logit_scale, softcap, z_loss, compute_grad, &forward_cuda_kernel);
+  return cross_entropy_forward(
+      input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+      compute_grad ? GradMode::kNewBuffer : GradMode::kNone, &forward_cuda_kernel);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_inplace_cuda(at::Tensor& input, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        int64_t reduction, int64_t ignore_index,
+                                                        double label_smoothing, double logit_scale,
+                                                        double softcap, double z_loss) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  auto [loss, lse, grad] = cross_entropy_forward(input, target, weight, reduction, ignore_index,
+                                                 label_smoothing, logit_scale, softcap, z_loss,
+                                                 GradMode::kIntoInput, &forward_cuda_kernel);
+  return {loss, lse};
 }
 
 // grad *= scale; a block whose scale is exactly 1 returns at once, so the usual backward of a
@@ -340,5 +359,6 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
 
 TORCH_LIBRARY_IMPL(xent_ext, CUDA, m) {
   m.impl("cross_entropy_fwd", &xent::forward_cuda);
+  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_cuda);
   m.impl("scale_grad_", &xent::scale_grad_cuda);
 }
