@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="comma list of NxV, e.g. 4096x32000,1024x128256")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
     p.add_argument("--impls", help=f"comma list among {', '.join(impls.IMPLS)} (default: all)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's own, torch.get_num_threads())")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"bad --modes {args.modes!r}: choose from {', '.join(cases.MODES)}")
     except ValueError as e:
         parser.error(str(e))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     groups = cases.plan(device, args.quick, shapes, dtypes)
     budget = cases.BUDGETS[(device, args.quick)]
     info = meta.collect(device)
@@ -56,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
           f"torch.get_num_threads() = {info['threads']}", flush=True)
     print(f"{len(groups)} shape/dtype groups x modes {modes} x implementations {names}; "
           f"about {budget.seconds} s of reps per cell", flush=True)
+    load = info["loadavg_1min"]
+    if device == "cpu" and info["threads"] > 1 and load is not None and load > 0.5:
+        # Seen on small shared machines: when another process holds a core, every parallel
+        # region waits for a descheduled thread, and short calls read as a scheduler tick.
+        print(f"warning: load average {load:.2f} before starting; with {info['threads']} "
+              "threads, timings include waits for descheduled threads (try --threads 1)",
+              flush=True)
 
     result = runner.run(groups, modes, names, device, budget, progress=not args.no_progress)
     report.derive(result.cells)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 
@@ -29,6 +30,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def collect(device: str) -> dict:
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -36,6 +44,8 @@ def collect(device: str) -> dict:
         "device_name": (torch.cuda.get_device_name() if device == "cuda" else cpu_model()),
         "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
+        # Other work on the machine before the run started (CPU timings are sensitive to it).
+        "loadavg_1min": _loadavg(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),

@@ -20,7 +20,8 @@ from .impls import COMPILE, EAGER
 from .runner import Cell, RunResult
 
 LEGEND = """\
-median ms   median of the timed reps after warm-up (CPU: perf_counter; CUDA: CUDA events)
+median ms   median of the timed reps after warm-up (CPU: perf_counter; CUDA: CUDA events);
+            min ms: the fastest rep (a large gap to the median means a noisy machine)
 vs eager    eager median / this median (>1: faster than F.cross_entropy); vs compile: same
             against torch.compile(F.cross_entropy)
 GB/s        logits bytes / median: fwd reads N*V*itemsize, fwd+bwd reads it and writes the
@@ -61,8 +62,10 @@ def _f(value: float | None, fmt: str, suffix: str = "") -> str:
 
 def print_tables(result: RunResult, meta: dict, file: TextIO = sys.stdout) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
+    load = meta.get("loadavg_1min")
     p(f"\n{meta['device_name']} | torch {meta['torch_version']} | "
-      f"{meta['threads']} CPU threads | {meta['date']}")
+      f"{meta['threads']} CPU threads | load average before start "
+      f"{'?' if load is None else format(load, '.2f')} | {meta['date']}")
     p(LEGEND)
     for name, why in result.skipped.items():
         p(f"skipped {name}: {why}")
@@ -73,8 +76,8 @@ def print_tables(result: RunResult, meta: dict, file: TextIO = sys.stdout) -> No
             copies[(c.n, c.v, c.dtype)] = c
         else:
             groups.setdefault((c.n, c.v, c.dtype, c.mode), []).append(c)
-    head = (f"  {'impl':<20}{'median ms':>11}{'vs eager':>10}{'vs compile':>12}{'GB/s':>9}"
-            f"{'% copy':>8}{'peak MiB':>10}{'reps':>6}")
+    head = (f"  {'impl':<20}{'median ms':>11}{'min ms':>10}{'vs eager':>10}{'vs compile':>12}"
+            f"{'GB/s':>9}{'% copy':>8}{'peak MiB':>10}{'reps':>6}")
     for (n, v, dtype, mode), rows in groups.items():
         copy = copies.get((n, v, dtype))
         if copy is not None and copy.status == "ok":
@@ -89,7 +92,8 @@ def print_tables(result: RunResult, meta: dict, file: TextIO = sys.stdout) -> No
                 p(f"  {c.impl:<20}{c.status}: {c.message}")
                 continue
             peak = "n/a" if c.peak_bytes is None else f"{c.peak_bytes / 2**20:.1f}"
-            p(f"  {c.impl:<20}{c.median_ms:>11.3f}{_f(c.vs_eager, '.2f', 'x'):>10}"
+            p(f"  {c.impl:<20}{c.median_ms:>11.3f}{c.min_ms:>10.3f}"
+              f"{_f(c.vs_eager, '.2f', 'x'):>10}"
               f"{_f(c.vs_compile, '.2f', 'x'):>12}{_f(c.gbps, '.1f'):>9}"
               f"{_f(c.pct_copy, '.0f', '%'):>8}{peak:>10}{c.reps:>6}")
         compiled = [c for c in rows if c.impl == COMPILE and c.first_call_s is not None]
