@@ -192,8 +192,8 @@ def run(groups: list[Group], modes: list[str], names: list[str], device: str,
 def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget: Budget,
                bar: tqdm) -> list[Cell]:
     out: list[Cell] = []
-    # Per copy: the logits and the copy baseline's output.
-    copies = rotation_count(2 * g.nbytes, device)
+    # Each copy holds the logits and the copy baseline's output.
+    copies = rotation_count(g.nbytes, 2 * g.nbytes, device)
     try:
         xs, ts = _make_inputs(g, device, copies)
         ref = _reference(xs[0], ts[0])

@@ -67,10 +67,12 @@ def free_bytes(device: str) -> int:
     return 8 << 30
 
 
-def rotation_count(bytes_per_copy: int, device: str) -> int:
-    """How many input copies to rotate among (bytes_per_copy: everything one copy holds)."""
-    want = math.ceil(CACHE_FACTOR * cache_bytes(device) / bytes_per_copy)
-    fit = int(MEMORY_SHARE * free_bytes(device) // bytes_per_copy)
+def rotation_count(input_bytes: int, held_bytes: int, device: str) -> int:
+    """How many input copies to rotate among: enough logits (input_bytes each) to cover
+    CACHE_FACTOR caches, as long as the copies (held_bytes each, with the buffers that go
+    with them) fit in a share of the free memory."""
+    want = math.ceil(CACHE_FACTOR * cache_bytes(device) / input_bytes)
+    fit = int(MEMORY_SHARE * free_bytes(device) // held_bytes)
     return max(1, min(want, fit, MAX_COPIES))
 
 
