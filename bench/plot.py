@@ -20,6 +20,8 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda y, _: f"{y:g}")  # 0.5, 2, 10 rather than 5x10^-1
+    # Minor ticks: label only 2, 3 and 5 times a power of ten, so labels do not collide.
+    sparse = FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "235" else "")
 
     rows = [c for c in cells if c.mode != "copy" and c.status == "ok" and c.median_ms]
     if not rows:
@@ -45,7 +47,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
                                fontsize=8)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_minor_formatter(sparse)
             if use_speedup:
                 ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_title(f"{'fwd+bwd' if mode == 'fwdbwd' else 'fwd'} {dtype}", fontsize=10)
