@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
-#include "cpu/huge_alloc.h"
+#include "cpu/buffer_cache.h"
 
 TORCH_LIBRARY(xent_ext, m) {
   m.def(

@@ -2,7 +2,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "cpu/huge_alloc.h"
+#include "cpu/buffer_cache.h"
 
 namespace xent {
 namespace {
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
   if (grad_mode == GradMode::kIntoInput) {
     a.grad = a.input;
   } else if (compute_grad) {
-    a.grad = a.input.is_cpu() ? xent_cpu::empty_like_huge_pages(a.input)
+    a.grad = a.input.is_cpu() ? xent_cpu::empty_like_cached(a.input)
                               : at::empty_like(a.input, at::MemoryFormat::Contiguous);
   }
 
