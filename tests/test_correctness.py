@@ -48,6 +48,18 @@ def test_every_cpu_path(cpu_isa, dtype, v):
         assert_close_to_reference(x, t, reduction=reduction, upstream="random")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 300, 37), (4, 9, 16, 2)])
+def test_every_cpu_path_kdim(cpu_isa, dtype, shape):
+    """K-dim inputs: rows (n, s) one per SIMD lane, classes strided by S."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = random_logits(shape, dtype, "cpu", generator=gen)
+    t = random_targets((shape[0],) + shape[2:], shape[1], "cpu", ignore_frac=0.2, generator=gen)
+    for reduction in REDUCTIONS:
+        assert_close_to_reference(x, t, reduction=reduction, upstream="random",
+                                  label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_all_ignored(device, dtype):

@@ -35,8 +35,21 @@ struct RowKeep {
   float* chunk_max;  // one value per chunk: that running max
 };
 
+// Up to `lanes` rows handled together, one row per SIMD lane: for many short rows (small C),
+// and for K-dim inputs, whose rows (n, s) are interleaved with the classes strided by S.
+// Element (l, j) of the block is at x[l * lane_stride + j * class_stride]; likewise g.
+struct LaneBlock {
+  const void* x;
+  void* g;
+  int64_t lanes;  // <= VecKernels::width
+  int64_t num_classes;
+  int64_t lane_stride;
+  int64_t class_stride;
+};
+
 struct VecKernels {
   const char* name;
+  int width;  // float32 lanes per vector
   // One pass over a contiguous row of n logits: chunk by chunk, the chunk's max (from L1) and
   // then its sum of exp relative to the running max: one exp per element.  With want_dot, also
   // the weighted sum of (y_j - ref); w == nullptr means unit weights.  With keep (ignored when
@@ -46,9 +59,20 @@ struct VecKernels {
   // g_j = (a * exp(y_j - lse) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
   void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
                float b, const float* w);
-  // The same gradient from the exps kept by stats (no softcap): no exp per element.
+  // The same gradient from the exps kept by stats (no softcap): no exp per element; also
+  // subtracts `hot` at index `target` (-1: none).  stream: non-temporal stores, after which
+  // the caller must issue a store fence (_mm_sfence) before the data is used.
   void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse,
-                    float a, float b, const float* w);
+                    float a, float b, const float* w, int64_t target, float hot, bool stream);
+  // Per lane (arrays of `width`): ref = y of class 0, max, sum-exp and (want_dot)
+  // sum_j w_j (y_j - ref).  With ybuf (C * width floats, for row-major blocks), the block's
+  // transformed logits are transposed into it once, and lanes_grad reads them back.
+  void (*lanes_stats)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
+                      float* ybuf, float* ref, float* max, float* sum, float* dot);
+  // g(l, j) = (a[l] exp(y - lse[l]) - b[l] w_j - [j == target[l]] hot[l]) T'(x), rounded once.
+  void (*lanes_grad)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
+                     const float* ybuf, const float* lse, const float* a, const float* bw,
+                     const float* hot, const int32_t* target);
   // y = exp(x) with the kernels' own vector exp (exposed so its accuracy can be tested).
   void (*exp)(const float* x, float* y, int64_t n);
 };

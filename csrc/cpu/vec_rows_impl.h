@@ -73,6 +73,10 @@ inline vf vmax(vf a, vf b) {
   return a > b ? a : b;
 }
 
+#if defined(XENT_VEC_AVX512)
+inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
 inline float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
@@ -83,6 +87,7 @@ inline float hsum(vf v) {
   for (int i = 0; i < W; ++i) s += v[i];
   return s;
 }
+#endif
 
 inline float scalar_exp(float x) {
   return __builtin_expf(x);
@@ -248,15 +253,19 @@ inline void store_stream(typename Io<D>::elem* p, vf v) {
 #endif
 }
 
-inline void stream_fence() {
-#if defined(XENT_VEC_AVX512) || defined(XENT_VEC_AVX2)
-  _mm_sfence();  // order the streaming stores before anything the caller writes next
-#endif
-}
-
 // The last n < W elements, padded with -inf (which every kernel here treats as "absent").
 template <Dtype D>
 inline vf load_tail(const typename Io<D>::elem* p, int64_t n) {
+#if defined(XENT_VEC_AVX512)
+  // Masked loads: no bytes past the row are touched, and no copy through the stack.
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if constexpr (D == Dtype::f32) {
+    return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), m, p);
+  } else {
+    const __m256i h = _mm256_mask_loadu_epi16(_mm256_set1_epi16((short)Io<D>::neg_inf()), m, p);
+    return D == Dtype::bf16 ? bf2f((vh)h) : h2f((vh)h);
+  }
+#endif
   typename Io<D>::elem buf[W];
   for (int i = 0; i < W; ++i) buf[i] = Io<D>::neg_inf();
   __builtin_memcpy(buf, p, n * sizeof(buf[0]));
@@ -266,6 +275,9 @@ inline vf load_tail(const typename Io<D>::elem* p, int64_t n) {
 inline vf load_w(const float* w, int64_t i, int64_t n_left) {
   if (w == nullptr) return splat(1.f);
   if (n_left >= W) return Io<Dtype::f32>::load(w + i);
+#if defined(XENT_VEC_AVX512)
+  return (vf)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n_left) - 1u), w + i);
+#endif
   float buf[W] = {};
   __builtin_memcpy(buf, w + i, n_left * sizeof(float));
   return Io<Dtype::f32>::load(buf);
@@ -382,12 +394,15 @@ void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, f
   }
 }
 
-// The gradient from the exps a stats pass kept: p_j = e_j * exp(chunk_max - lse).
+// The gradient from the exps a stats pass kept: p_j = e_j * exp(chunk_max - lse), minus `hot`
+// at the target, all in float before the one rounding.  `stream`: non-temporal stores (for
+// gradients larger than the caches; the caller fences once at the end of its task).
 template <Dtype D>
 void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float lse, float a,
-                    float b, const float* w) {
+                    float b, const float* w, int64_t target, float hot, bool stream) {
   auto* g = static_cast<typename Io<D>::elem*>(gv);
-  const bool stream = reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0;
+  stream = stream && reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0;
+  const vi lane = iota();
   for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
     const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
     const float cm = keep.chunk_max[chunk];
@@ -403,7 +418,10 @@ void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float
         __builtin_memcpy(buf, keep.e + i, left * sizeof(float));
         e = Io<Dtype::f32>::load(buf);
       }
-      const vf gi = f * e - load_w(w, i, left) * bs;
+      vf gi = f * e - load_w(w, i, left) * bs;
+      if (target >= i && target < i + W) {
+        gi -= lane == static_cast<int32_t>(target - i) ? splat(hot * scale) : splat(0.f);
+      }
       if (left >= W) {
         if (stream) {
           store_stream<D>(g + i, gi);
@@ -417,7 +435,6 @@ void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float
       }
     }
   }
-  if (stream) stream_fence();
 }
 
 template <Dtype D, bool kCap, bool kDot>
@@ -473,14 +490,156 @@ void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse
 }
 
 void grad_kept(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse, float a,
-               float b, const float* w) {
+               float b, const float* w, int64_t target, float hot, bool stream) {
   switch (dt) {
     case Dtype::f16:
-      return grad_kept_impl<Dtype::f16>(keep, g, n, scale, lse, a, b, w);
+      return grad_kept_impl<Dtype::f16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
     case Dtype::bf16:
-      return grad_kept_impl<Dtype::bf16>(keep, g, n, scale, lse, a, b, w);
+      return grad_kept_impl<Dtype::bf16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
     default:
-      return grad_kept_impl<Dtype::f32>(keep, g, n, scale, lse, a, b, w);
+      return grad_kept_impl<Dtype::f32>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+  }
+}
+
+// ----- one row per lane -----------------------------------------------------------------------
+// Lane l of class j; lanes past b.lanes read -inf (absent).  K-dim blocks (lane_stride 1) are a
+// plain vector load per class.
+template <Dtype D>
+inline vf load_lanes(const LaneBlock& b, int64_t j) {
+  const auto* x = static_cast<const typename Io<D>::elem*>(b.x) + j * b.class_stride;
+  return load_any<D>(x, b.lanes);
+}
+
+// Row-major blocks (consecutive short rows): each row is read once with vector loads and its
+// transformed logits are transposed into y[j * W + l], so every later sweep is a vector load.
+template <Dtype D, bool kCap>
+void transpose_rows(const LaneBlock& b, VecTransform t, float* y) {
+  const auto* x = static_cast<const typename Io<D>::elem*>(b.x);
+  const int64_t C = b.num_classes;
+  for (int64_t l = 0; l < W; ++l) {
+    if (l >= b.lanes) {
+      for (int64_t j = 0; j < C; ++j) y[j * W + l] = -__builtin_inff();
+      continue;
+    }
+    for (int64_t j0 = 0; j0 < C; j0 += W) {
+      const vf v = transform<kCap>(load_any<D>(x + l * b.lane_stride + j0, C - j0), t);
+      const int64_t n = C - j0 < W ? C - j0 : W;
+      for (int64_t i = 0; i < n; ++i) y[(j0 + i) * W + l] = v[i];
+    }
+  }
+}
+
+template <Dtype D>
+inline void store_lanes(const LaneBlock& b, int64_t j, vf v) {
+  auto* g = static_cast<typename Io<D>::elem*>(b.g) + j * b.class_stride;
+  if (b.lane_stride == 1 && b.lanes == W) return Io<D>::store(g, v);
+  typename Io<D>::elem buf[W];
+  Io<D>::store(buf, v);
+  for (int l = 0; l < b.lanes; ++l) g[l * b.lane_stride] = buf[l];
+}
+
+inline vf load_f32(const float* p) {
+  return Io<Dtype::f32>::load(p);
+}
+
+// Transformed logits of class j for every lane: from the transposed copy when there is one.
+template <Dtype D, bool kCap>
+inline vf lanes_y(const LaneBlock& b, int64_t j, VecTransform t, const float* ybuf) {
+  return ybuf ? load_f32(ybuf + j * W) : transform<kCap>(load_lanes<D>(b, j), t);
+}
+
+template <Dtype D, bool kCap>
+void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool want_dot,
+                      float* ybuf, float* ref_out, float* max_out, float* sum_out, float* dot_out) {
+  const int64_t C = b.num_classes;
+  if (ybuf != nullptr) transpose_rows<D, kCap>(b, t, ybuf);
+  const vf rv = lanes_y<D, kCap>(b, 0, t, ybuf);
+  vf m = rv;
+  for (int64_t j = 1; j < C; ++j) m = vmax(m, lanes_y<D, kCap>(b, j, t, ybuf));
+  // Lanes whose max is -inf (all masked, or absent) add nothing; exp(-inf - -inf) is NaN.
+  const vi live = m != -__builtin_inff();
+  const vf mv = live ? m : splat(0.f);
+  vf sum = splat(0.f), dot = splat(0.f);
+  for (int64_t j = 0; j < C; ++j) {
+    const vf y = lanes_y<D, kCap>(b, j, t, ybuf);
+    sum += vexp(y - mv);
+    if (want_dot) dot += (w ? w[j] : 1.f) * (y - rv);
+  }
+  Io<Dtype::f32>::store(ref_out, rv);
+  Io<Dtype::f32>::store(max_out, m);
+  Io<Dtype::f32>::store(sum_out, live ? sum : splat(0.f));
+  Io<Dtype::f32>::store(dot_out, dot);
+}
+
+template <Dtype D, bool kCap>
+void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
+                     const float* lse, const float* a, const float* bw, const float* hot,
+                     const int32_t* target) {
+  const vf lv = load_f32(lse), av = load_f32(a), bv = load_f32(bw), hv = load_f32(hot);
+  vi tv;
+  __builtin_memcpy(&tv, target, sizeof tv);
+  for (int64_t j = 0; j < b.num_classes; ++j) {
+    const vf onehot = tv == static_cast<int32_t>(j) ? hv : splat(0.f);
+    vf y, d;
+    if (ybuf != nullptr) {
+      // T'(x) from y: scale, or scale * (1 - tanh^2) with tanh = y / softcap.
+      y = load_f32(ybuf + j * W);
+      const vf th = y * (1.f / t.softcap);
+      d = kCap ? (y == -__builtin_inff() ? splat(0.f) : (1.f - th * th) * t.scale) : splat(t.scale);
+    } else {
+      const vf xj = load_lanes<D>(b, j);
+      y = transform<kCap>(xj, t);
+      d = slope<kCap>(xj, t);
+    }
+    vf g = vexp(y - lv) * av - bv * (w ? w[j] : 1.f) - onehot;
+    if (kCap || t.scale != 1.f) g *= d;
+    store_lanes<D>(b, j, g);
+  }
+}
+
+template <Dtype D>
+void lanes_stats_dt(const LaneBlock& b, VecTransform t, const float* w, bool want_dot, float* ybuf,
+                    float* ref, float* mx, float* sm, float* dot) {
+  if (t.softcap > 0.f) {
+    lanes_stats_impl<D, true>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+  } else {
+    lanes_stats_impl<D, false>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+  }
+}
+
+void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
+                 float* ybuf, float* ref, float* mx, float* sm, float* dot) {
+  switch (dt) {
+    case Dtype::f16:
+      return lanes_stats_dt<Dtype::f16>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+    case Dtype::bf16:
+      return lanes_stats_dt<Dtype::bf16>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+    default:
+      return lanes_stats_dt<Dtype::f32>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+  }
+}
+
+template <Dtype D>
+void lanes_grad_dt(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
+                   const float* lse, const float* a, const float* bw, const float* hot,
+                   const int32_t* target) {
+  if (t.softcap > 0.f) {
+    lanes_grad_impl<D, true>(b, t, w, ybuf, lse, a, bw, hot, target);
+  } else {
+    lanes_grad_impl<D, false>(b, t, w, ybuf, lse, a, bw, hot, target);
+  }
+}
+
+void lanes_grad(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, const float* ybuf,
+                const float* lse, const float* a, const float* bw, const float* hot,
+                const int32_t* target) {
+  switch (dt) {
+    case Dtype::f16:
+      return lanes_grad_dt<Dtype::f16>(b, t, w, ybuf, lse, a, bw, hot, target);
+    case Dtype::bf16:
+      return lanes_grad_dt<Dtype::bf16>(b, t, w, ybuf, lse, a, bw, hot, target);
+    default:
+      return lanes_grad_dt<Dtype::f32>(b, t, w, ybuf, lse, a, bw, hot, target);
   }
 }
 
@@ -498,7 +657,8 @@ void exp_rows(const float* x, float* y, int64_t n) {
 
 #define XENT_STR2(x) #x
 #define XENT_STR(x) XENT_STR2(x)
-const VecKernels table = {XENT_STR(XENT_ISA_NS), &stats, &grad, &grad_kept, &exp_rows};
+const VecKernels table = {XENT_STR(XENT_ISA_NS), W,           &stats,   &grad, &grad_kept,
+                          &lanes_stats,          &lanes_grad, &exp_rows};
 
 }  // namespace XENT_ISA_NS
 }  // namespace xent_cpu

@@ -13,6 +13,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #include "../xent_forward.h"
 #include "../xent_row.h"
 #include "../xent_row_strided.h"
@@ -116,6 +120,9 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
   // With a gradient to write and no softcap, the stats pass keeps its exps (in this task's
   // scratch, which stays in L2 for rows up to ~10^5 classes) and the gradient pass reuses them.
   const bool keep_exps = G != nullptr && !(o.softcap > 0.0);
+  // Non-temporal stores only for gradients far larger than the caches: smaller ones are read
+  // back soon (by the backward) and are better left in cache.
+  const bool stream = keep_exps && a.grad.numel() * a.grad.element_size() >= (int64_t(128) << 20);
   std::vector<float> scratch(keep_exps ? C + C / xent_cpu::kVecChunk + 1 : 0);
   xent_cpu::RowKeep keep{scratch.data(), scratch.data() + C};
 
@@ -143,15 +150,114 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
       continue;
     }
     const GradCoef<float> gc = index_grad_coef(ir, lse, valid, s, o);
-    const float x_t = float(x[t]);
     if (keep_exps) {
-      k.grad_kept(keep, g, dt, C, tr.scale, lse, gc.a, gc.b, w);
-    } else {
-      k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+      // gc already carries the gradient scale s; grad_kept's `scale` is T'(x) = logit_scale.
+      k.grad_kept(keep, g, dt, C, tr.scale, lse, gc.a, gc.b, w, t, gc.hot, stream);
+      continue;
     }
+    const float x_t = float(x[t]);  // read before the sweep overwrites it (in-place gradient)
+    k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
     // The target element again, from scratch in float: p - 1 rounded once to the dtype.
-    // x_t was read before the sweep: with an in-place gradient, x[t] is overwritten by now.
     g[t] = static_cast<scalar_t>(grad_element(x_t, lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+  }
+#if defined(__x86_64__)
+  if (stream) _mm_sfence();  // the streaming stores are visible before the task ends
+#endif
+}
+
+// ---- one row per SIMD lane: short rows, and K-dim rows (classes strided by S) ---------------
+// Rows shorter than this go through the lane kernels when S == 1: per-row overheads (a call,
+// horizontal reductions, a ragged tail) would dominate a row-at-a-time pass.
+constexpr int64_t kLanesMaxClasses = 48;
+
+// Blocks of up to W rows: consecutive rows for S == 1, consecutive s of one n for S > 1.
+struct LaneBlocks {
+  int64_t N, C, S, W;
+  int64_t per_n() const { return S == 1 ? 0 : (S + W - 1) / W; }
+  int64_t count() const { return S == 1 ? (N + W - 1) / W : N * per_n(); }
+  // First row index, lanes, element offset of (lane 0, class 0), lane stride, class stride.
+  void locate(int64_t k, int64_t* row0, int64_t* lanes, int64_t* offset, int64_t* lane_stride,
+              int64_t* class_stride) const {
+    if (S == 1) {
+      *row0 = k * W;
+      *lanes = std::min(W, N - *row0);
+      *offset = *row0 * C;
+      *lane_stride = C;
+      *class_stride = 1;
+    } else {
+      const int64_t n = k / per_n(), s0 = (k % per_n()) * W;
+      *row0 = n * S + s0;
+      *lanes = std::min(W, S - s0);
+      *offset = n * C * S + s0;
+      *lane_stride = 1;
+      *class_stride = S;
+    }
+  }
+};
+
+template <typename scalar_t>
+void index_blocks_lanes(ForwardArgs& a, const LaneBlocks& lb, int64_t begin, int64_t end,
+                        BadTarget& bad) {
+  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
+  const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
+  const RowOptions& o = a.opt;
+  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), static_cast<float>(o.softcap)};
+  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
+  const int64_t* T = a.target.const_data_ptr<int64_t>();
+  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
+  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
+  const float w_sum = total_of(w, lb.C);
+  const bool smooth = o.label_smoothing > 0.0;
+  float* loss_out = a.loss_rows.mutable_data_ptr<float>();
+  float* lse_out = a.lse.mutable_data_ptr<float>();
+  constexpr int kMaxW = 16;
+  float ref[kMaxW], mx[kMaxW], sm[kMaxW], dot[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
+  int32_t tgt[kMaxW];
+  bool valid[kMaxW];
+  // Row-major blocks keep their transposed logits here between the two kernels.
+  std::vector<float> ybuf(lb.S == 1 ? lb.C * lb.W : 0);
+
+  for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t row0, lanes, offset, ls, cs;
+    lb.locate(blk, &row0, &lanes, &offset, &ls, &cs);
+    const scalar_t* x = X + offset;
+    auto at = [&](int64_t l, int64_t j) { return float(x[l * ls + j * cs]); };
+    const xent_cpu::LaneBlock b{x, G ? G + offset : nullptr, lanes, lb.C, ls, cs};
+    float* yb = ybuf.empty() ? nullptr : ybuf.data();
+    k.lanes_stats(b, dt, tr, w, smooth, yb, ref, mx, sm, dot);
+    for (int l = 0; l < kMaxW; ++l) {
+      ca[l] = cb[l] = hot[l] = 0.f;
+      lse[l] = 0.f;
+      tgt[l] = -1;
+      valid[l] = false;
+      if (l >= lanes) continue;
+      const int64_t r = row0 + l;  // the rows of a block are consecutive
+      const int64_t t = T[r];
+      valid[l] = target_is_valid(t, o, bad);
+      IndexRow<float> ir{};
+      ir.ref = ref[l];
+      ir.w_sum = w_sum;
+      ir.dot_ref = dot[l];
+      lse[l] = ms_lse(MaxSum<float>{mx[l], sm[l]});
+      if (valid[l]) {
+        ir.w_t = w ? w[t] : 1.f;
+        ir.y_t = transform_logit(at(l, t), o);
+        tgt[l] = static_cast<int32_t>(t);
+      }
+      loss_out[r] = index_row_loss(ir, lse[l], valid[l], o);
+      lse_out[r] = lse[l];
+      const GradCoef<float> gc = index_grad_coef(ir, lse[l], valid[l], s, o);
+      ca[l] = gc.a;
+      cb[l] = gc.b;
+      hot[l] = gc.hot;
+    }
+    if (G == nullptr) continue;
+    k.lanes_grad(b, dt, tr, w, yb, lse, ca, cb, hot, tgt);
+    for (int l = 0; l < lanes; ++l) {  // ignored rows: exactly zero, whatever their logits
+      if (valid[l]) continue;
+      for (int64_t j = 0; j < lb.C; ++j) G[offset + l * ls + j * cs] = scalar_t(0);
+    }
   }
 }
 
@@ -160,17 +266,29 @@ void forward_cpu_kernel(ForwardArgs& a) {
   const int64_t C = a.input.size(1);
   // Enough work per task to amortise the scheduling: about 64K elements.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
-  const bool contiguous_rows = a.input.size(2) == 1 && C > 0;
+  const int64_t S = a.input.size(2);
+  const bool vec_ok = C > 0 && !a.prob_target;
+  const bool use_lanes = vec_ok && (S > 1 || C <= kLanesMaxClasses);
+  const LaneBlocks lb{a.input.size(0), C, S, xent_cpu::active_kernels().width};
   BadTarget bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.input.scalar_type(), "xent_forward_cpu", [&] {
-        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          if constexpr (!std::is_same_v<scalar_t, double>) {
-            if (contiguous_rows && !a.prob_target) {
-              index_rows_vec<scalar_t>(a, begin, end, bad);
-              return;
-            }
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (use_lanes) {
+            const int64_t grain_blocks = std::max<int64_t>(1, grain / lb.W);
+            at::parallel_for(0, lb.count(), grain_blocks, [&](int64_t begin, int64_t end) {
+              index_blocks_lanes<scalar_t>(a, lb, begin, end, bad);
+            });
+            return;
           }
+          if (vec_ok) {
+            at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+              index_rows_vec<scalar_t>(a, begin, end, bad);
+            });
+            return;
+          }
+        }
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           rows_scalar<scalar_t>(a, begin, end, bad);
         });
       });
