@@ -10,8 +10,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/cpu_isa.h"
 #include "cpu/buffer_cache.h"
+#include "cpu/cpu_isa.h"
 
 TORCH_LIBRARY(xent_ext, m) {
   m.def(

@@ -74,8 +74,12 @@ inline vf vmax(vf a, vf b) {
 }
 
 #if defined(XENT_VEC_AVX512)
-inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
-inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+inline float hmax(vf v) {
+  return _mm512_reduce_max_ps((__m512)v);
+}
+inline float hsum(vf v) {
+  return _mm512_reduce_add_ps((__m512)v);
+}
 #else
 inline float hmax(vf v) {
   float m = v[0];
