@@ -163,3 +163,23 @@ def test_lse_is_float32_and_matches():
     loss, lse = xent_ext.cross_entropy(x, t, return_lse=True)
     assert lse.dtype == torch.float32 and lse.shape == (9,)
     torch.testing.assert_close(lse.double(), torch.logsumexp(x.double(), 1), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_few_long_rows_split_across_threads(cpu_isa, dtype, rows):
+    """Fewer rows than threads: each row is split into slices (partial max / sum-exp, combine,
+    gradient given the log-sum-exp).  Targets fall in different slices; one row is ignored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        c = 20011
+        gen = torch.Generator().manual_seed(rows)
+        x = random_logits((rows, c), dtype, "cpu", generator=gen)
+        t = torch.tensor([5, c - 1, -100][:rows])
+        w = (torch.rand(c, generator=gen) + 0.5).to(dtype)
+        for kw in ({}, {"weight": w, "label_smoothing": 0.1}):
+            for reduction in REDUCTIONS:
+                assert_close_to_reference(x, t, reduction=reduction, upstream="random", **kw)
+    finally:
+        torch.set_num_threads(threads)

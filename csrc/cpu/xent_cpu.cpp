@@ -261,6 +261,81 @@ void index_blocks_lanes(ForwardArgs& a, const LaneBlocks& lb, int64_t begin, int
   }
 }
 
+// ---- few rows, many classes: each row split across threads ----------------------------------
+// Partial max / sum-exp per slice, a combine per row, then the gradient of each slice given the
+// row's log-sum-exp: the structure a vocabulary-parallel cross-entropy needs across devices.
+template <typename scalar_t>
+void index_rows_split(ForwardArgs& a, int64_t slices, BadTarget& bad) {
+  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
+  const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
+  const RowOptions& o = a.opt;
+  const int64_t rows = a.input.size(0), C = o.num_classes;
+  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), 0.f};
+  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
+  const int64_t* T = a.target.const_data_ptr<int64_t>();
+  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
+  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
+  // Slices are whole chunks, so the kept per-chunk maxima line up with the slices.
+  const int64_t chunk = xent_cpu::kVecChunk;
+  const int64_t len = ((C + slices - 1) / slices + chunk - 1) / chunk * chunk;
+  const int64_t P = (C + len - 1) / len, chunks_per_slice = len / chunk;
+  std::vector<xent_cpu::RowStats> part(rows * P);
+  std::vector<float> kept(G ? rows * C : 0), kept_max(G ? rows * P * chunks_per_slice : 0);
+  std::vector<float> ref(rows);
+  for (int64_t r = 0; r < rows; ++r) ref[r] = transform_logit(float(X[r * C]), o);
+  auto keep_of = [&](int64_t q) {
+    return xent_cpu::RowKeep{kept.data() + (q / P) * C + (q % P) * len,
+                             kept_max.data() + q * chunks_per_slice};
+  };
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t r = q / P, start = (q % P) * len, n = std::min(len, C - start);
+      xent_cpu::RowKeep keep = keep_of(q);
+      part[q] = k.stats(X + r * C + start, dt, n, tr, w ? w + start : nullptr,
+                        o.label_smoothing > 0.0, ref[r], G ? &keep : nullptr);
+    }
+  });
+  // Combine the slices of each row (few rows: serial).
+  std::vector<float> lse(rows);
+  std::vector<GradCoef<float>> coef(rows);
+  std::vector<char> valid(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    MaxSum<float> ms = ms_empty<float>();
+    IndexRow<float> ir{};
+    for (int64_t p = 0; p < P; ++p) {
+      ms = ms_combine(ms, MaxSum<float>{part[r * P + p].max, part[r * P + p].sum});
+      ir.dot_ref += part[r * P + p].dot_ref;
+    }
+    const int64_t t = T[r];
+    valid[r] = target_is_valid(t, o, bad);
+    lse[r] = ms_lse(ms);
+    ir.ref = ref[r];
+    ir.w_sum = total_of(w, C);
+    if (valid[r]) {
+      ir.w_t = w ? w[t] : 1.f;
+      ir.y_t = transform_logit(float(X[r * C + t]), o);
+    }
+    a.loss_rows.mutable_data_ptr<float>()[r] = index_row_loss(ir, lse[r], bool(valid[r]), o);
+    a.lse.mutable_data_ptr<float>()[r] = lse[r];
+    coef[r] = index_grad_coef(ir, lse[r], bool(valid[r]), s, o);
+  }
+  if (G == nullptr) return;
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t r = q / P, start = (q % P) * len, n = std::min(len, C - start);
+      scalar_t* g = G + r * C + start;
+      if (!valid[r]) {
+        std::memset(static_cast<void*>(g), 0, n * sizeof(scalar_t));
+        continue;
+      }
+      const int64_t t = T[r] - start;
+      k.grad_kept(keep_of(q), g, dt, n, tr.scale, lse[r], coef[r].a, coef[r].b,
+                  w ? w + start : nullptr, t >= 0 && t < n ? t : -1, coef[r].hot, false);
+    }
+  });
+}
+
 void forward_cpu_kernel(ForwardArgs& a) {
   const int64_t rows = a.input.size(0) * a.input.size(2);
   const int64_t C = a.input.size(1);
@@ -270,10 +345,20 @@ void forward_cpu_kernel(ForwardArgs& a) {
   const bool vec_ok = C > 0 && !a.prob_target;
   const bool use_lanes = vec_ok && (S > 1 || C <= kLanesMaxClasses);
   const LaneBlocks lb{a.input.size(0), C, S, xent_cpu::active_kernels().width};
+  // Fewer rows than threads and long rows: split each row so that every core works.
+  const int64_t threads = at::get_num_threads();
+  const int64_t split =
+      vec_ok && S == 1 && !(a.opt.softcap > 0.0) && rows < threads && C >= 4 * xent_cpu::kVecChunk
+          ? (threads + rows - 1) / rows
+          : 1;
   BadTarget bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.input.scalar_type(), "xent_forward_cpu", [&] {
         if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (split > 1) {
+            index_rows_split<scalar_t>(a, split, bad);
+            return;
+          }
           if (use_lanes) {
             const int64_t grain_blocks = std::max<int64_t>(1, grain / lb.W);
             at::parallel_for(0, lb.count(), grain_blocks, [&](int64_t begin, int64_t end) {
