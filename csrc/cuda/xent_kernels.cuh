@@ -15,7 +15,8 @@
 //             gives the lse; sweep 2 writes the gradient from shared memory.  A row larger than
 //             the shared memory a block may use is cached up to that size; the rest is read
 //             from global memory again in sweep 2.  Each thread reads back only the shared
-//             memory it wrote, so the cache needs no barrier.
+//             memory it wrote, so the cache needs no barrier.  256 threads per block, 512 when
+//             a row's cache leaves room for only one block per SM.
 //  * split:   few rows (fewer than the SMs) with huge C.  Each row is cut into slices of
 //             `slice_items` 16-byte items; split_stats_kernel reduces every slice to a Partial
 //             (max, sum-exp, target sums) in a small workspace, then split_grad_kernel combines
@@ -513,15 +514,16 @@ XENT_DEV Partial<acc> combine_partials(const Partial<acc>* parts, int n) {
 // up to 128 (255 for the largest group tile).  tests/test_cuda_static.py checks that no kernel
 // uses local memory.
 constexpr int kGroupThreads = 256;
-constexpr int kBlockMaxThreads = 256;
+constexpr int kBlockThreads = 256;     // block regime
+constexpr int kBlockBigThreads = 512;  // block regime, rows that leave room for one block per SM
 constexpr int kSplitThreads = 256;
 template <typename T, int NV, bool kProb>
 constexpr int group_min_blocks() {
   return (!kProb && sizeof(T) <= 4) ? (NV <= 2 ? 4 : 2) : (NV == 4 ? 1 : 2);
 }
-template <typename T, bool kProb>
+template <typename T, bool kProb, int kThreads = 256>
 constexpr int block_min_blocks() {
-  return (!kProb && sizeof(T) <= 4) ? 3 : 2;
+  return kThreads > 256 ? 1 : (!kProb && sizeof(T) <= 4) ? 3 : 2;
 }
 constexpr int kStridedThreads = 256;
 
@@ -615,8 +617,10 @@ __global__ void __launch_bounds__(kGroupThreads, (group_min_blocks<T, NV, kProb>
 }
 
 // Block regime: one block per row, the row cached in shared memory up to k.cache_items items.
-template <typename T, int VEC, bool kProb>
-__global__ void __launch_bounds__(kBlockMaxThreads, (block_min_blocks<T, kProb>()))
+// kThreads: the most threads per block (512 for rows so large that one block fills an SM's
+// shared memory: the SM's only block then has twice the loads in flight).
+template <typename T, int VEC, bool kProb, int kThreads>
+__global__ void __launch_bounds__(kThreads, (block_min_blocks<T, kProb, kThreads>()))
     block_rows_kernel(KernelArgs<T> k) {
   using acc = acc_t<T>;
   using P = Pack<T, VEC>;
@@ -829,11 +833,15 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   p.vec = reg == Regime::kBlockScalar ? 1 : full_vec;
   const int64_t items = reg == Regime::kBlockScalar ? C : items_max;
   const int64_t want = ceil_div(ceil_div(items, kUnroll), 32) * 32;
-  p.threads = static_cast<int>(std::min<int64_t>(kBlockMaxThreads, std::max<int64_t>(64, want)));
+  p.threads = static_cast<int>(std::min<int64_t>(kBlockThreads, std::max<int64_t>(64, want)));
   const int64_t item_bytes = static_cast<int64_t>(p.vec) * elem * (prob ? 2 : 1);
   const int64_t budget = std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve);
   p.cache_items = std::min(items, budget / item_bytes);
   p.smem = p.cache_items * item_bytes;
+  if (p.vec > 1 && 2 * (p.smem + kStaticSmemReserve) > d.smem_per_sm) {
+    // One block per SM: give it more threads.
+    p.threads = static_cast<int>(std::min<int64_t>(kBlockBigThreads, std::max<int64_t>(64, want)));
+  }
   const int64_t by_threads = std::max<int64_t>(1, 2048 / p.threads);
   const int64_t by_smem = std::max<int64_t>(1, d.smem_per_sm / (p.smem + kStaticSmemReserve));
   p.blocks = std::max<int64_t>(1, std::min(rows, sms * std::min(by_threads, by_smem)));
@@ -861,10 +869,14 @@ void launch_plan(const KernelArgs<T>& k, const Plan& p, Launcher& launch) {
       }
       break;
     case Regime::kBlock:
-      launch(&block_rows_kernel<T, V, kProb>, grid, block, p.smem, k);
+      if (p.threads > kBlockThreads) {
+        launch(&block_rows_kernel<T, V, kProb, kBlockBigThreads>, grid, block, p.smem, k);
+      } else {
+        launch(&block_rows_kernel<T, V, kProb, kBlockThreads>, grid, block, p.smem, k);
+      }
       break;
     case Regime::kBlockScalar:
-      launch(&block_rows_kernel<T, 1, kProb>, grid, block, p.smem, k);
+      launch(&block_rows_kernel<T, 1, kProb, kBlockThreads>, grid, block, p.smem, k);
       break;
     case Regime::kSplit: {
       launch(&split_stats_kernel<T, V, kProb>, grid, block, 0, k);
