@@ -433,3 +433,12 @@ def test_emulated_plan_choices(emu, dtype, n, c, dev, plan_prefix):
     assert torch.isfinite(loss)
     if plan.startswith("block"):
         assert ("x512+" in plan) == (c * x.element_size() > 114 * 1024), plan
+
+
+def test_emulated_loss_only_caches_nothing(emu):
+    x, t, _, _ = _data(6, 5000, 1, torch.bfloat16, seed=4)
+    loss, _, grad, plan = emu_forward(emu, x, t, grad=False)
+    assert plan.startswith("block") and "cache_items=0" in plan, plan
+    assert grad.numel() == 0
+    ref = F.cross_entropy(x.double()[:, :, 0], t[:, 0])
+    _assert_close(loss, ref, 1.6e-2, "loss")

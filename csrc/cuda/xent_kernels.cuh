@@ -769,10 +769,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // rows: N * S; C: classes; elem: sizeof(T); vec_ok: x, grad and probability target share their
-// offset modulo 16 bytes.  `force` picks a regime for tests; one that cannot run the shape falls
-// back to the automatic choice.
+// offset modulo 16 bytes; grad: the gradient is wanted (without it, rows are not cached).
+// `force` picks a regime for tests; one that cannot run the shape falls back to the automatic
+// choice.
 inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_ok, bool prob,
-                         const DeviceProps& d, Regime force = Regime::kAuto) {
+                         bool grad, const DeviceProps& d, Regime force = Regime::kAuto) {
   Plan p;
   const int64_t sms = std::max(d.sms, 1);
   // In-row indices are 32-bit: rows of 2^30 classes or more take the strided kernel (64-bit).
@@ -835,7 +836,7 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   const int64_t want = ceil_div(ceil_div(items, kUnroll), 32) * 32;
   p.threads = static_cast<int>(std::min<int64_t>(kBlockThreads, std::max<int64_t>(64, want)));
   const int64_t item_bytes = static_cast<int64_t>(p.vec) * elem * (prob ? 2 : 1);
-  const int64_t budget = std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve);
+  const int64_t budget = grad ? std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve) : 0;
   p.cache_items = std::min(items, budget / item_bytes);
   p.smem = p.cache_items * item_bytes;
   if (p.vec > 1 && 2 * (p.smem + kStaticSmemReserve) > d.smem_per_sm) {
