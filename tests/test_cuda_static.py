@@ -442,3 +442,24 @@ def test_emulated_loss_only_caches_nothing(emu):
     assert grad.numel() == 0
     ref = F.cross_entropy(x.double()[:, :, 0], t[:, 0])
     _assert_close(loss, ref, 1.6e-2, "loss")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(5, 3, 1), (7, 1000, 1), (3, 37, 1), (4, 5, 6), (2, 9, 3)],
+                         ids=str)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_emulated_scale_grad(emu, dtype, shape, offset):
+    """The backward's in-place scaling: one factor, or one per loss row; bit-identical to the
+    CPU op (factor in the accumulation type, one rounding)."""
+    n, c, s = shape
+    g = torch.Generator().manual_seed(n * c * s)
+    flat = (torch.randn(n * c * s + offset, generator=g, dtype=torch.float64)).to(dtype)
+    grad = flat[offset:].view(n, c, s)  # offset 1: not 16-byte aligned
+    for scale in (torch.tensor(2.5, dtype=torch.float64),
+                  torch.tensor(1.0, dtype=torch.float64),
+                  torch.rand(n, s, generator=g, dtype=torch.float64).to(dtype),
+                  torch.tensor([1.0, -3.0] * (n * s // 2) + [1.0] * (n * s % 2)).view(n, s)):
+        ours, ref = flat.clone()[offset:].view(n, c, s), grad.clone()
+        emu.scale_grad(ours, scale, 4)
+        torch.ops.xent_ext.scale_grad_(ref, scale)
+        assert torch.equal(ours, ref), (scale, (ours - ref).abs().max())

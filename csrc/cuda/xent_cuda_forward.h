@@ -67,5 +67,21 @@ Plan run_forward(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher&
   return plan;
 }
 
+// grad (N, C, S) *= scale (one value, or one per row (N, S)); see scale_grad_kernel.
+template <typename Launcher>
+void run_scale_grad(at::Tensor& grad, const at::Tensor& scale, const DeviceProps& dev,
+                    Launcher& launch) {
+  check_scale_grad_args(grad, scale);
+  if (grad.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
+        using acc = acc_t<scalar_t>;
+        const at::Tensor sc = scale.to(c10::CppTypeToScalarType<acc>::value).contiguous();
+        ScaleArgs<scalar_t> a{grad.mutable_data_ptr<scalar_t>(), sc.const_data_ptr<acc>(),
+                              grad.numel(), grad.size(1), grad.size(2)};
+        launch_scale_grad(a, sc.numel() != 1, dev, launch);
+      });
+}
+
 }  // namespace cuda
 }  // namespace xent

@@ -55,10 +55,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> forward(
   return {loss, lse, grad, c.plan};
 }
 
+// scale_grad_ (the backward) on CPU tensors through the emulated kernel; returns the plan.
+std::string scale_grad(at::Tensor grad, const at::Tensor& scale, int64_t sms) {
+  TORCH_CHECK(grad.device().is_cpu() && scale.device().is_cpu(), "CPU tensors");
+  xent_emu::Launcher launch{0, {}};
+  xent::cuda::run_scale_grad(grad, scale, xent::cuda::DeviceProps{static_cast<int>(sms), 0, 0},
+                             launch);
+  std::string plan = "scale_grad";
+  for (const std::string& l : launch.launched) plan += " [" + l + "]";
+  return plan;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward,
         "cross_entropy_fwd on CPU tensors through the CUDA kernels, emulated; returns (loss, lse, "
         "grad, plan)");
+  m.def("scale_grad", &scale_grad, "scale_grad_ on CPU tensors through the emulated kernel");
 }
