@@ -282,6 +282,7 @@ SHAPES = [
     ("block", 5, 3001, 1, "auto", H100, ("block",)),
     ("block-partial-cache", 3, 4099, 1, "block", dict(H100, smem_optin=6144), ("block",)),
     ("split", 3, 20001, 1, "split", dict(H100, sms=8), ("split",)),
+    ("kdim-transposed", 2, 600, 3, "auto", H100, ("group", "block")),
     ("strided", 3, 7, 5, "auto", H100, ("strided",)),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -306,6 +307,7 @@ def test_emulated_regimes_match_torch(emu, shape, dtype):
         target, kw = case["target"], case["kw"]
         loss, lse, grad, plan = emu_forward(emu, x, target, regime=regime, dev=dev, **kw)
         assert plan.startswith(expect), (plan, expect)
+        assert ("transposed" in plan) == (s > 1 and c >= 512), plan
         # Reference: F.cross_entropy in float64 on the same values, in the caller's layout.
         x64 = x.double().requires_grad_()
         xr = x64 if s > 1 else x64[:, :, 0]
@@ -379,7 +381,7 @@ def test_emulated_special_values_like_torch(emu, shape):
     x[2, :] = float("-inf")
     x[3, c // 2] = float("inf")
     x[4, ::3] = float("-inf")
-    t[4, 0] = 1 if c > 1 else 0
+    t[4, :] = 1 if c > 1 else 0
     loss, lse, grad, plan = emu_forward(emu, x, t, reduction="none", regime=regime, dev=dev)
     ref = F.cross_entropy(x.double()[:, :, 0], t[:, 0], reduction="none")
     assert torch.equal(loss[:, 0].isnan(), ref.isnan()), (loss, ref, plan)

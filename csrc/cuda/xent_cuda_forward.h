@@ -20,7 +20,7 @@ inline uintptr_t offset16(const void* p) {
 
 // Runs the row kernels for `a` on `launch`; returns the plan it used.
 template <typename Launcher>
-Plan run_forward(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& launch) {
+Plan run_rows(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& launch) {
   // Sum of the class weights on the device (no host synchronisation).
   const at::Tensor w_sum = a.weight.defined() ? a.weight.sum() : at::Tensor();
   Plan plan;
@@ -64,6 +64,33 @@ Plan run_forward(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher&
           launch_plan<scalar_t, false>(k, plan, launch);
         }
       });
+  return plan;
+}
+
+// K-dim inputs with this many classes or more are transposed to contiguous rows, run through the
+// row regimes, and their gradient transposed back: two more passes over the logits and two over
+// the gradient, against one thread walking each row of C strided classes (fine for a few classes
+// and many positions, as in segmentation; far from the memory bandwidth for large C).
+constexpr int64_t kTransposeMinClasses = 512;
+
+// The forward's kernels for `a`: K-dim inputs with large C through a transposed copy, all else
+// directly.  Returns the plan used.
+template <typename Launcher>
+Plan run_forward(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& launch) {
+  const int64_t N = a.input.size(0), C = a.input.size(1), S = a.input.size(2);
+  if (S == 1 || C < kTransposeMinClasses || force == Regime::kStrided) {
+    return run_rows(a, dev, force, launch);
+  }
+  ForwardArgs b = a;
+  b.input = a.input.transpose(1, 2).contiguous().view({N * S, C, 1});
+  b.target = a.prob_target ? a.target.transpose(1, 2).contiguous().view({N * S, C, 1})
+                           : a.target.view({N * S, 1});
+  b.loss_rows = a.loss_rows.view({N * S, 1});
+  b.lse = a.lse.view({N * S, 1});
+  if (a.grad.defined()) b.grad = at::empty_like(b.input);
+  Plan plan = run_rows(b, dev, force, launch);
+  if (a.grad.defined()) a.grad.copy_(b.grad.view({N, S, C}).transpose(1, 2));
+  plan.transposed = true;
   return plan;
 }
 

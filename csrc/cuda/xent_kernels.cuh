@@ -24,9 +24,10 @@
 //             needed), writes loss and lse from slice 0 and the gradient of its own slice.
 //             slice_partial / combine_partials / slice_grad are the pieces a vocab-parallel
 //             cross entropy would reuse (there the combine runs over shards).
-//  * strided: K-dim inputs (S > 1, classes strided by S) and C == 0.  One thread per (n, s)
-//             row running xent_row_strided.h, the very code of the CPU scalar path;
-//             neighbouring threads read neighbouring addresses.
+//  * strided: K-dim inputs (S > 1, classes strided by S) with C < 512, and C == 0.  One thread
+//             per (n, s) row running xent_row_strided.h, the very code of the CPU scalar path;
+//             neighbouring threads read neighbouring addresses.  K-dim inputs with more
+//             classes are transposed to contiguous rows first (xent_cuda_forward.h).
 //
 // Alignment.  Rows are walked in "items" of VEC = 16 / sizeof(T) elements aligned to 16 bytes
 // in memory: element j of a row lies in item (j + shift) / VEC, where shift is the row start's
@@ -844,6 +845,7 @@ struct Plan {
   int64_t smem = 0;         // dynamic shared memory per block, bytes
   int64_t splits = 1;       // split regime
   int64_t slice_items = 0;  // split regime
+  bool transposed = false;  // K-dim input run as contiguous rows of a transposed copy
 };
 
 // Thresholds of the regimes (see the file comment).

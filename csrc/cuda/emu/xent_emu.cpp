@@ -33,6 +33,7 @@ void emu_kernel(xent::ForwardArgs& a) {
   c.plan = std::string(xent::cuda::regime_name(p.regime)) + " vec=" + std::to_string(p.vec) +
            " group=" + std::to_string(p.group) + " nv=" + std::to_string(p.nv) +
            " splits=" + std::to_string(p.splits) + " cache_items=" + std::to_string(p.cache_items);
+  if (p.transposed) c.plan += " transposed";
   for (const std::string& l : launch.launched) c.plan += " [" + l + "]";
   if (xent_emu::rt().asserts > 0) {
     TORCH_CHECK(false, "device-side assert triggered (emulated): ", xent_emu::rt().first_assert);
