@@ -15,7 +15,7 @@
 #
 # Usage: bash bench/gpu_check.sh OUTDIR
 # Environment:
-#   PYTHON                 interpreter with torch (default: python)
+#   PYTHON                 interpreter with torch (default: python, else python3)
 #   XENT_GPU_CHECK_BUDGET  seconds for the whole run (default 570)
 #   XENT_GPU_CHECK_QUICK=1 benchmark with --quick whatever the time left
 set -u
@@ -23,7 +23,7 @@ set -u
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 # bench/sanitize_case.py and the tests import xent_ext from this checkout (built in place).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET=${XENT_GPU_CHECK_BUDGET:-570}
@@ -108,6 +108,7 @@ EOF
   ${SANITIZER:-compute-sanitizer} --version | head -n 2
   ${NCU:-ncu} --version | tail -n 1
   nproc
+  git log -1 --format='commit %h %s' 2>/dev/null
   true
 }
 export -f info

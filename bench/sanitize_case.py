@@ -59,6 +59,19 @@ def _loss_only(name, x, t):
     return ok
 
 
+class _regime:
+    """XENT_CUDA_REGIME for the duration of a with block (read at every call)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        os.environ["XENT_CUDA_REGIME"] = self.name
+
+    def __exit__(self, *exc):
+        os.environ.pop("XENT_CUDA_REGIME", None)
+
+
 def sanitize_cases() -> bool:
     g = torch.Generator(device=DEV).manual_seed(0)
 
@@ -83,11 +96,12 @@ def sanitize_cases() -> bool:
                  label_smoothing=0.1)
     # block regime: odd C (partial first/last items), > 48 KiB of shared memory, prob targets
     ok &= _check("block C=32001", x_(40, 32001), t_(40, 32001), label_smoothing=0.1)
-    ok &= _check("block C=32768 (64KiB smem)", x_(140, 32768), t_(140, 32768))
     ok &= _check("block prob f32", x_(6, 5000, torch.float32), q_(6, 5000, torch.float32))
-    # block row larger than shared memory: cached in part (f32, 512 KiB rows, many rows)
-    ok &= _check("block partial cache", x_(140, 131072, torch.float32), t_(140, 131072),
-                 reduction="sum")
+    with _regime("block"):  # few rows would otherwise take the split regime
+        ok &= _check("block C=32768 (64KiB smem)", x_(8, 32768), t_(8, 32768))
+        # rows larger than shared memory: cached in part, 512 threads (f32, 512 KiB rows)
+        ok &= _check("block partial cache", x_(8, 131072, torch.float32), t_(8, 131072),
+                     reduction="sum")
     # scalar fallback: rows off a 16-byte boundary
     flat = x_(1, 12 * 3000 + 1).view(-1)
     ok &= _check("block_scalar misaligned", flat[1:].view(12, 3000), t_(12, 3000))
@@ -97,12 +111,18 @@ def sanitize_cases() -> bool:
     ok &= _loss_only("split", x_(2, 70001), t_(2, 70001))
     # strided regime: K-dim input
     ok &= _check("strided K-dim", x_(4, 21, torch.bfloat16, 9, 7), t_(4, 21, 9, 7))
+    ok &= _check("K-dim transposed", x_(2, 600, torch.float16, 5), t_(2, 600, 5))
+    # backward with an upstream gradient other than 1 (scale_grad_)
+    x = x_(6, 1000).requires_grad_()
+    xent_ext.cross_entropy(x, t_(6, 1000), reduction="none").sum().mul(3.0).backward()
+    x.grad = None
+    loss = xent_ext.cross_entropy(x, t_(6, 1000), reduction="none")
+    loss.backward(torch.arange(6, device=DEV, dtype=loss.dtype))
     # forced regimes on one shape
-    x, t = x_(8, 3000), t_(8, 3000)
+    x, t = x_(8, 20000), t_(8, 20000)
     for regime in ("group", "block", "block_scalar", "split"):
-        os.environ["XENT_CUDA_REGIME"] = regime
-        ok &= _check(f"forced {regime}", x, t)
-    os.environ.pop("XENT_CUDA_REGIME")
+        with _regime(regime):
+            ok &= _check(f"forced {regime}", x, t)
     torch.cuda.synchronize()
     return ok
 

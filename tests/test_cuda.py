@@ -339,12 +339,13 @@ ASSERT_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("shape", [(8, 100), (8, 5000), (2, 70000), (4, 6, 5)], ids=str)
-@pytest.mark.parametrize("bad", [-5, 10**6])
+@pytest.mark.parametrize("shape, bad", [((8, 100), -5), ((8, 5000), "C"), ((2, 70000), -1000),
+                                        ((4, 6, 5), "C"), ((2, 700, 3), -5)], ids=str)
 def test_out_of_range_target_device_assert(shape, bad):
     """An out-of-range class index trips a device-side assertion (as PyTorch on CUDA) instead
-    of a silent result; run in a subprocess because it poisons the CUDA context."""
-    bad = bad if bad < 0 else shape[1]
+    of a silent result, in every regime (group, block, split, strided, transposed K-dim); run
+    in a subprocess because it poisons the CUDA context."""
+    bad = shape[1] if bad == "C" else bad
     proc = subprocess.run([sys.executable, "-c", ASSERT_SCRIPT, repr(shape), str(bad)],
                           capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "XENT_CUDA_REGIME"})

@@ -227,8 +227,10 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfl
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
 
+    if not is_ninja_available():
+        pytest.skip("ninja is needed to build the emulation (pip install ninja)")
     build = tmp_path_factory.mktemp("xent_emu")
     try:
         return load(name="xent_emu",
