@@ -302,7 +302,7 @@ def test_no_host_synchronisation():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("shape", [(64, 100), (16, 32768), (2, 131072)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 100), (200, 32768), (16, 32768), (2, 131072)], ids=str)
 def test_cuda_graph_capture(shape):
     n, c = shape
     x = logits((n, c), torch.bfloat16, seed=9).requires_grad_()

@@ -16,6 +16,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../xent_forward.h"
 #include "xent_cuda_forward.h"
@@ -38,16 +41,26 @@ DeviceProps device_props(int device) {
   return d;
 }
 
+// Above 48 KiB a kernel must opt in to dynamic shared memory: a host-side attribute of the
+// kernel on the current device (no stream operation).  Set once per kernel, device and size.
+void allow_dynamic_smem(const void* kernel, int64_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mu);
+  int64_t& have = allowed[{kernel, device}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  have = bytes;
+}
+
 struct CudaLauncher {
   cudaStream_t stream;
   template <typename Arg>
   void operator()(void (*kernel)(Arg), dim3 grid, dim3 block, int64_t smem, const Arg& arg) {
-    if (smem > 48 * 1024) {
-      // Above 48 KiB a kernel must opt in to dynamic shared memory (a host-side attribute, no
-      // stream operation).
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, block, static_cast<size_t>(smem), stream>>>(arg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
