@@ -106,7 +106,9 @@ def check(x, target, upstream="ones", **kw):
     lscale = max(1.0, ref.detach().abs().nan_to_num(0).max().item()) if ref.numel() else 1.0
     _close(loss, ref.detach(), tol, tol * lscale, "loss")
     gscale = max(ref_grad.abs().max().item(), 1e-30) if ref_grad.numel() else 1.0
-    _close(grad, ref_grad, 0.0, tol * gscale, "grad")
+    # float16 holds gradients of 1e-6 and below (huge C) as subnormals, 6e-8 apart.
+    floor = 2**-23 if x.dtype == torch.float16 else 0.0
+    _close(grad, ref_grad, 0.0, max(tol * gscale, floor), "grad")
     return loss, grad
 
 
