@@ -39,14 +39,24 @@ using std::tanh;
 // Per-call options that shape the row math.  Plain values so the struct is trivially copyable
 // to a CUDA kernel's parameter space.  Doubles, so that float64 inputs see the options at full
 // precision; a float kernel converts each to float once.
-struct RowOptions {
-  int64_t num_classes;     // C
-  int64_t ignore_index;    // only for class-index targets
-  double label_smoothing;  // eps in [0, 1]
-  double logit_scale;      // y = logit_scale * x (1: off)
-  double softcap;          // > 0: y = softcap * tanh(logit_scale * x / softcap)
-  double z_loss;           // coefficient of lse^2 (0: off)
+// Every function below takes the options as any RowOptionsT<U>: kernels that keep values in
+// registers (the CUDA thread-per-row kernel) use a float copy for float rows.
+template <typename U>
+struct RowOptionsT {
+  int64_t num_classes;   // C
+  int64_t ignore_index;  // only for class-index targets
+  U label_smoothing;     // eps in [0, 1]
+  U logit_scale;         // y = logit_scale * x (1: off)
+  U softcap;             // > 0: y = softcap * tanh(logit_scale * x / softcap)
+  U z_loss;              // coefficient of lse^2 (0: off)
 };
+using RowOptions = RowOptionsT<double>;
+
+template <typename U>
+XENT_HD RowOptionsT<U> options_as(const RowOptions& o) {
+  return {o.num_classes,    o.ignore_index, U(o.label_smoothing),
+          U(o.logit_scale), U(o.softcap),   U(o.z_loss)};
+}
 
 // Accumulation type: float for float/half/bfloat16, double for double.
 template <typename scalar_t>
@@ -114,8 +124,8 @@ XENT_HD T ms_lse(MaxSum<T> a) {
 // ---------------------------------------------------------------------------------------------
 // Logit transform y = T(x) and its derivative.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-XENT_HD T transform_logit(T x, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T transform_logit(T x, const O& o) {
   if (o.softcap > 0.0) {
     // -inf marks a masked entry: it stays -inf rather than becoming -softcap, so masked or
     // padded entries never receive probability mass.
@@ -125,8 +135,8 @@ XENT_HD T transform_logit(T x, const RowOptions& o) {
   return T(o.logit_scale) * x;
 }
 
-template <typename T>
-XENT_HD T transform_slope(T x, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T transform_slope(T x, const O& o) {
   if (o.softcap > 0.0) {
     if (x == neg_inf<T>()) return T(0);
     const T th = tanh(T(o.logit_scale) * x / T(o.softcap));
@@ -151,8 +161,8 @@ struct IndexRow {
 };
 
 // Loss of one class-index row (0 for an ignored row, signalled by w_t == 0 and valid == false).
-template <typename T>
-XENT_HD T index_row_loss(const IndexRow<T>& r, T lse, bool valid, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T index_row_loss(const IndexRow<T>& r, T lse, bool valid, const O& o) {
   if (!valid) return T(0);
   const T eps = T(o.label_smoothing);
   T loss = (T(1) - eps) * r.w_t * (lse - r.y_t);
@@ -173,9 +183,8 @@ struct GradCoef {
   T hot;  // s * (1 - eps) * w_t
 };
 
-template <typename T>
-XENT_HD GradCoef<T> index_grad_coef(const IndexRow<T>& r, T lse, bool valid, T s,
-                                    const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD GradCoef<T> index_grad_coef(const IndexRow<T>& r, T lse, bool valid, T s, const O& o) {
   if (!valid) return {T(0), T(0), T(0)};
   const T eps = T(o.label_smoothing);
   const T per_class = eps / T(o.num_classes);
@@ -186,31 +195,31 @@ XENT_HD GradCoef<T> index_grad_coef(const IndexRow<T>& r, T lse, bool valid, T s
 
 // The gradient of one element, rounded once by the caller.  p is computed here, in the
 // accumulation type, so that p - 1 at the target class keeps its precision in bfloat16.
-template <typename T>
-XENT_HD T grad_element(T x, T lse, T coef_a, T coef_c, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T grad_element(T x, T lse, T coef_a, T coef_c, const O& o) {
   const T y = transform_logit(x, o);
   const T p = exp(y - lse);
   return (coef_a * p - coef_c) * transform_slope(x, o);
 }
 
 // Probability targets: c_j = w_j ((1 - eps) q_j + eps / C).
-template <typename T>
-XENT_HD T prob_coef(T q, T w, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T prob_coef(T q, T w, const O& o) {
   const T eps = T(o.label_smoothing);
   return w * ((T(1) - eps) * q + eps / T(o.num_classes));
 }
 
 // Loss of a probability-target row from A = sum_j c_j and cdot_ref = sum_j c_j (y_j - ref).
-template <typename T>
-XENT_HD T prob_row_loss(T big_a, T cdot_ref, T ref, T lse, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T prob_row_loss(T big_a, T cdot_ref, T ref, T lse, const O& o) {
   T loss = big_a * (lse - ref) - cdot_ref;
   if (o.z_loss > 0.0) loss += T(o.z_loss) * lse * lse;
   return loss;
 }
 
 // Gradient coefficient a of a probability-target row (dx_j = (a p_j - s c_j) T'(x_j)).
-template <typename T>
-XENT_HD T prob_grad_a(T big_a, T lse, T s, const RowOptions& o) {
+template <typename T, typename O>
+XENT_HD T prob_grad_a(T big_a, T lse, T s, const O& o) {
   T a = big_a;
   if (o.z_loss > 0.0) a += T(2) * T(o.z_loss) * lse;
   return s * a;

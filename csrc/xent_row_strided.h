@@ -20,9 +20,9 @@ struct StridedRow {
 
 // Class-index target t; valid is false for an ignored (or rejected) target, and then t is not
 // read.  Returns the row's loss and writes its lse.
-template <typename scalar_t, typename acc>
-XENT_HD acc index_row_strided(const StridedRow<scalar_t, acc>& r, int64_t t, bool valid,
-                              const RowOptions& o, acc* lse_out) {
+template <typename scalar_t, typename acc, typename O>
+XENT_HD acc index_row_strided(const StridedRow<scalar_t, acc>& r, int64_t t, bool valid, const O& o,
+                              acc* lse_out) {
   const int64_t C = o.num_classes, S = r.stride;
   const bool smooth = o.label_smoothing > 0.f;
   IndexRow<acc> ir{};
@@ -53,9 +53,9 @@ XENT_HD acc index_row_strided(const StridedRow<scalar_t, acc>& r, int64_t t, boo
 
 // Probability target q[j * stride] (same layout as x).  Returns the row's loss.
 // A zero probability on a -inf logit gives 0 * -inf = NaN, as torch's -(q * log_softmax).
-template <typename scalar_t, typename acc>
-XENT_HD acc prob_row_strided(const StridedRow<scalar_t, acc>& r, const scalar_t* q,
-                             const RowOptions& o, acc* lse_out) {
+template <typename scalar_t, typename acc, typename O>
+XENT_HD acc prob_row_strided(const StridedRow<scalar_t, acc>& r, const scalar_t* q, const O& o,
+                             acc* lse_out) {
   const int64_t C = o.num_classes, S = r.stride;
   const acc ref = C > 0 ? transform_logit(acc(r.x[0]), o) : acc(0);
   MaxSum<acc> ms = ms_empty<acc>();

@@ -1,0 +1,80 @@
+// The few CUDA primitives the kernels of xent_kernels.cuh use, behind one name each.
+//
+// Compiled by nvcc they are the CUDA intrinsics.  With XENT_CUDA_EMULATION defined, a host
+// compiler builds the same kernels against emu/xent_emu_runtime.h, which runs every thread of a
+// block as a cooperative fiber on the CPU: the kernels' index math, reductions and barriers are
+// then tested without a GPU (tests/test_cuda_static.py).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(XENT_CUDA_EMULATION)
+
+#include "emu/xent_emu_runtime.h"
+
+#define XENT_DEV inline
+#define XENT_SHARED static  // one block runs at a time: a static is the block's shared memory
+
+namespace xent {
+namespace cuda {
+inline unsigned char* dynamic_smem() {
+  return ::xent_emu::dynamic_smem();
+}
+inline void sync_block() {
+  ::xent_emu::sync_block();
+}
+template <typename T>
+inline T shfl_xor(T v, int lane_mask) {
+  return ::xent_emu::shfl_xor(v, lane_mask);
+}
+inline void sync_warp() {}  // emulated threads run one at a time: memory is already ordered
+inline float fast_exp(float x) {
+  return std::exp(x);
+}
+inline double fast_exp(double x) {
+  return std::exp(x);
+}
+}  // namespace cuda
+}  // namespace xent
+
+#else  // nvcc
+
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT
+#include <cuda_runtime.h>
+
+#define XENT_DEV __device__ __forceinline__
+#define XENT_SHARED __shared__
+
+namespace xent {
+namespace cuda {
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char xent_dynamic_smem[];
+  return xent_dynamic_smem;
+}
+__device__ __forceinline__ void sync_block() {
+  __syncthreads();
+}
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+// Orders the warp's earlier memory accesses before its later ones (shuffles do not).
+__device__ __forceinline__ void sync_warp() {
+  __syncwarp();
+}
+// exp for the sweeps over a row: ex2.approx of x * log2(e) (__expf), two instructions.  Its
+// relative error is about 2^-22 plus |x| * 2^-24 from rounding the product: below 1e-6 for
+// the |x| < 10 where the softmax and its gradient get their mass, below 1e-5 down to x = -87
+// (where exp(x) < 1e-37 no longer matters next to the row's other terms), so float32 results
+// stay well inside float32 tolerances.  Results below the float32 normal range flush to zero.
+__device__ __forceinline__ float fast_exp(float x) {
+  return __expf(x);
+}
+__device__ __forceinline__ double fast_exp(double x) {
+  return exp(x);
+}
+}  // namespace cuda
+}  // namespace xent
+
+#endif

@@ -1,0 +1,1001 @@
+// CUDA kernels of the forward op, and the host-side plan that picks one.
+//
+// Every kernel computes, per row: the log-sum-exp, the loss and, when asked, the gradient of
+// every element rounded once to the input dtype; the row math itself is xent_row.h.
+//
+// Regimes (plan_forward picks one from C, the dtype, the row count and the alignment):
+//
+//  * group:   small C.  G = 8 or 32 lanes per row, 256/G rows per block; each lane keeps its
+//             part of the row (up to 4 items of 16 bytes, plus the probability target) in
+//             registers, so x is read from global memory once.  Max and sum-exp are two passes
+//             over the registers, reduced with warp shuffles: no shared memory, no barrier.
+//  * block:   medium and large C.  One block per row (grid-stride over rows).  Sweep 1 reads
+//             the row with 16-byte loads, four in flight per thread, keeps an online max /
+//             sum-exp per thread and stores the row into shared memory; a block reduction
+//             gives the lse; sweep 2 writes the gradient from shared memory.  A row larger than
+//             the shared memory a block may use is cached up to that size; the rest is read
+//             from global memory again in sweep 2.  Each thread reads back only the shared
+//             memory it wrote, so the cache needs no barrier.  256 threads per block, 512 when
+//             a row's cache leaves room for only one block per SM.
+//  * split:   few rows (fewer than the SMs) with huge C.  Each row is cut into slices of
+//             `slice_items` 16-byte items; split_stats_kernel reduces every slice to a Partial
+//             (max, sum-exp, target sums) in a small workspace, then split_grad_kernel combines
+//             a row's partials (every block of the row does it, so no atomics or counters are
+//             needed), writes loss and lse from slice 0 and the gradient of its own slice.
+//             slice_partial / combine_partials / slice_grad are the pieces a vocab-parallel
+//             cross entropy would reuse (there the combine runs over shards).
+//  * strided: K-dim inputs (S > 1, classes strided by S) with C < 512, and C == 0.  One thread
+//             per (n, s) row running xent_row_strided.h, the very code of the CPU scalar path;
+//             neighbouring threads read neighbouring addresses.  K-dim inputs with more
+//             classes are transposed to contiguous rows first (xent_cuda_forward.h).
+//
+// Alignment.  Rows are walked in "items" of VEC = 16 / sizeof(T) elements aligned to 16 bytes
+// in memory: element j of a row lies in item (j + shift) / VEC, where shift is the row start's
+// offset from a 16-byte boundary.  Only a row's first and last items can be partial; they are
+// loaded and stored element by element, every other item with one 16-byte access.  So odd C
+// (32001, 50257) keeps 16-byte loads for all but at most two items per row.  This needs x, the
+// gradient and the probability target to share their offset modulo 16 bytes (true for
+// tensors allocated by PyTorch); if they do not, the block regime runs with VEC = 1.
+//
+// Precision.  Accumulation in float (double for double), the gradient computed in that type
+// and rounded once.  Float exps use fast_exp (see xent_cuda_compat.cuh).  Row offsets are
+// 64-bit.  Out-of-range class targets trip a device-side assertion and are never read; no
+// kernel reads a value back to the host.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../xent_row.h"
+#include "../xent_row_strided.h"
+#include "xent_cuda_compat.cuh"
+
+namespace xent {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Statistics of a slice of a row: max / sum-exp, plus two running sums (class-index targets:
+// d0 = sum_j w_j (y_j - ref), used with label smoothing; probability targets: d0 = sum_j c_j,
+// d1 = sum_j c_j (y_j - ref)).  `ref` is the transformed first logit of the row, the same in
+// every slice, so the sums of slices add up.
+// ---------------------------------------------------------------------------------------------
+template <typename acc>
+struct Partial {
+  MaxSum<acc> ms;
+  acc d0;
+  acc d1;
+};
+
+template <typename acc>
+XENT_DEV Partial<acc> partial_empty() {
+  return {ms_empty<acc>(), acc(0), acc(0)};
+}
+
+template <typename acc>
+XENT_DEV Partial<acc> partial_combine(const Partial<acc>& a, const Partial<acc>& b) {
+  return {ms_combine(a.ms, b.ms), a.d0 + b.d0, a.d1 + b.d1};
+}
+
+// Maximum that propagates NaN (a NaN logit must make the row's lse NaN, as in PyTorch).
+template <typename acc>
+XENT_DEV acc nan_max(acc a, acc b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// Per-element transform and target coefficient with the per-call divisions done once (on the
+// host): the formulas of transform_logit / transform_slope / prob_coef in xent_row.h, with
+// logit_scale / softcap and eps / C precomputed (results may differ from them in the last bit).
+// Kept in the kernel parameters, so its fields are constant-bank operands, not registers.
+template <typename acc>
+struct ElemMath {
+  acc scale, cap, scale_over_cap, keep, eps_over_c;
+  bool capped;
+  // y = T(x); -inf (a masked entry) stays -inf under the softcap.
+  XENT_HD acc y(acc x) const {
+    if (capped) return x == neg_inf<acc>() ? x : cap * tanh(scale_over_cap * x);
+    return scale * x;
+  }
+  XENT_HD acc slope(acc x) const {
+    if (capped) {
+      if (x == neg_inf<acc>()) return acc(0);
+      const acc th = tanh(scale_over_cap * x);
+      return scale * (acc(1) - th * th);
+    }
+    return scale;
+  }
+  // c_j of a probability target.
+  XENT_HD acc prob_c(acc q, acc w) const { return w * (keep * q + eps_over_c); }
+};
+
+template <typename acc>
+inline ElemMath<acc> make_elem_math(const RowOptions& o) {
+  ElemMath<acc> m;
+  m.scale = acc(o.logit_scale);
+  m.cap = acc(o.softcap);
+  m.scale_over_cap = o.softcap > 0.f ? acc(o.logit_scale) / acc(o.softcap) : acc(0);
+  m.keep = acc(1) - acc(o.label_smoothing);
+  m.eps_over_c = o.num_classes > 0 ? acc(o.label_smoothing) / acc(o.num_classes) : acc(0);
+  m.capped = o.softcap > 0.f;
+  return m;
+}
+
+template <typename scalar_t>
+struct KernelArgs {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* x;
+  const int64_t* t_index;  // class-index targets, or nullptr
+  const scalar_t* t_prob;  // probability targets, or nullptr
+  const acc* w;
+  const acc* w_sum;       // device scalar, or nullptr (then C)
+  const acc* grad_scale;  // device scalar, or nullptr (then 1)
+  scalar_t* g;            // or nullptr
+  acc* loss;
+  acc* lse;
+  int64_t rows;
+  int64_t S;
+  RowOptions opt;
+  ElemMath<acc> em;
+  bool smooth;             // label_smoothing > 0
+  int cache_items;         // block regime: items of a row kept in shared memory
+  int splits;              // split regime: slices per row
+  int slice_items;         // split regime: items per slice
+  Partial<acc>* partials;  // split regime: (rows, splits)
+  acc* row_vals;           // split regime: (rows, 2) ref and y_t, from the stats step
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reductions.  Butterfly shuffles leave the same value in every lane (the combines are
+// symmetric), so no broadcast is needed within a group.
+// ---------------------------------------------------------------------------------------------
+template <int G, typename acc>
+XENT_DEV acc group_max(acc v) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) v = nan_max(v, shfl_xor(v, off));
+  return v;
+}
+
+template <int G, typename acc>
+XENT_DEV acc group_sum(acc v) {
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) v += shfl_xor(v, off);
+  return v;
+}
+
+template <typename acc>
+XENT_DEV Partial<acc> warp_reduce(Partial<acc> p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Partial<acc> o;
+    o.ms.max = shfl_xor(p.ms.max, off);
+    o.ms.sum = shfl_xor(p.ms.sum, off);
+    o.d0 = shfl_xor(p.d0, off);
+    o.d1 = shfl_xor(p.d1, off);
+    p = partial_combine(p, o);
+  }
+  return p;
+}
+
+// Every thread of the block gets the combined statistics.  blockDim.x is a multiple of 32.
+// Ends with a barrier, so the block may call it again at once (next row).
+template <typename acc>
+XENT_DEV Partial<acc> block_reduce(Partial<acc> p) {
+  XENT_SHARED Partial<acc> warp_part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  p = warp_reduce(p);
+  if (blockDim.x == 32) return p;
+  if (lane == 0) warp_part[warp] = p;
+  sync_block();
+  if (warp == 0) {
+    p = lane < static_cast<int>(blockDim.x >> 5) ? warp_part[lane] : partial_empty<acc>();
+    p = warp_reduce(p);
+    if (lane == 0) warp_part[0] = p;
+  }
+  sync_block();
+  const Partial<acc> r = warp_part[0];
+  sync_block();
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Items: VEC elements aligned to 16 bytes.  Indices within a row are 32-bit (the plan keeps
+// C < 2^30 here); row offsets are 64-bit.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// One row as the kernels see it.
+template <typename T>
+struct RowRef {
+  using acc = acc_t<T>;
+  const T* x;  // the row's logits
+  const T* q;  // its probability targets, or nullptr
+  T* g;        // its gradient, or nullptr
+  int C;       // elements; 0 for an inactive row (group regime), which masks every element
+  int shift;   // offset of x from a 16-byte boundary, in elements (0 when VEC == 1)
+  int items;
+  acc ref;     // transformed first logit
+  acc y_t;     // transformed target logit (valid class-index rows), read before any gradient
+               // store: with the gradient written over the logits (in place), x[t] changes
+  int64_t t;   // class-index target (-1 for probability targets)
+  bool valid;  // false for an ignored (or out-of-range) target: loss 0, gradient 0
+};
+
+// Elements [lo, hi) of an item lie inside the row (all VEC of them except in the first and
+// last item).
+struct ItemSpan {
+  int j0;  // row index of the item's element 0 (negative in a partial first item)
+  int lo, hi;
+};
+
+template <int VEC>
+XENT_DEV ItemSpan item_span(int item, int shift, int C) {
+  const int j0 = item * VEC - shift;
+  return {j0, j0 < 0 ? -j0 : 0, C - j0 < VEC ? C - j0 : VEC};
+}
+
+template <int VEC>
+XENT_DEV bool item_full(const ItemSpan& sp) {
+  return sp.lo == 0 && sp.hi == VEC;
+}
+
+template <int VEC, typename T>
+XENT_DEV Pack<T, VEC> load_item(const T* row, const ItemSpan& sp) {
+  Pack<T, VEC> p;
+  if (sp.lo == 0 && sp.hi == VEC) {
+    p = *reinterpret_cast<const Pack<T, VEC>*>(row + sp.j0);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p.v[e] = (e >= sp.lo && e < sp.hi) ? row[sp.j0 + e] : T(0);
+  }
+  return p;
+}
+
+template <int VEC, typename T>
+XENT_DEV void store_item(T* row, const ItemSpan& sp, const Pack<T, VEC>& p) {
+  if (sp.lo == 0 && sp.hi == VEC) {
+    *reinterpret_cast<Pack<T, VEC>*>(row + sp.j0) = p;
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (e >= sp.lo && e < sp.hi) row[sp.j0 + e] = p.v[e];
+    }
+  }
+}
+
+XENT_DEV bool check_target(int64_t t, const RowOptions& o) {
+  if (t == o.ignore_index) return false;
+  const bool in_range = t >= 0 && t < o.num_classes;
+  CUDA_KERNEL_ASSERT(in_range && "Target is out of bounds");
+  return in_range;
+}
+
+// The row's pointers, reference value and target.  Reads x[0], x[t] and the target only for an
+// active row, and the logits not at all with read_logits == false (the split regime's gradient
+// step, where other blocks may already have overwritten them: it takes ref and y_t from
+// k.row_vals).
+template <int VEC, typename T>
+XENT_DEV RowRef<T> make_row(const KernelArgs<T>& k, int64_t row, bool active,
+                            bool read_logits = true) {
+  using acc = acc_t<T>;
+  const int64_t C = k.opt.num_classes;
+  const int64_t off = (active ? row : 0) * C;
+  RowRef<T> rr;
+  rr.x = k.x + off;
+  rr.q = k.t_prob != nullptr ? k.t_prob + off : nullptr;
+  rr.g = k.g != nullptr ? k.g + off : nullptr;
+  rr.C = active ? static_cast<int>(C) : 0;
+  rr.shift = VEC == 1 ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(rr.x) / sizeof(T)) % VEC);
+  rr.items = active ? (rr.C + rr.shift + VEC - 1) / VEC : 0;
+  rr.ref = active && read_logits ? k.em.y(acc(rr.x[0])) : acc(0);
+  rr.y_t = acc(0);
+  rr.t = -1;
+  rr.valid = active;
+  if (active && k.t_index != nullptr) {
+    rr.t = k.t_index[row];
+    rr.valid = check_target(rr.t, k.opt);
+    if (rr.valid && read_logits) rr.y_t = k.em.y(acc(rr.x[rr.t]));
+  }
+  return rr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-item pieces.
+// ---------------------------------------------------------------------------------------------
+
+// Target sums of one item (no exp): see Partial.
+template <bool kProb, bool kFull, int VEC, typename T>
+XENT_DEV void target_sums(acc_t<T>& d0, acc_t<T>& d1, const RowRef<T>& r, const ItemSpan& sp,
+                          const acc_t<T> (&y)[VEC], const Pack<T, VEC>& qv,
+                          const KernelArgs<T>& k) {
+  using acc = acc_t<T>;
+  if (!kProb && !k.smooth) return;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    if (kFull || (e >= sp.lo && e < sp.hi)) {
+      const acc wj = k.w != nullptr ? k.w[sp.j0 + e] : acc(1);
+      if (kProb) {
+        const acc c = k.em.prob_c(acc(qv.v[e]), wj);
+        d0 += c;
+        d1 += c * (y[e] - r.ref);
+      } else {
+        d0 += wj * (y[e] - r.ref);
+      }
+    }
+  }
+}
+
+// Transformed logits of an item; -inf outside the row.
+template <bool kFull, int VEC, typename T>
+XENT_DEV void item_logits(acc_t<T> (&y)[VEC], const ItemSpan& sp, const Pack<T, VEC>& xv,
+                          const KernelArgs<T>& k) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    y[e] = (kFull || (e >= sp.lo && e < sp.hi)) ? k.em.y(acc_t<T>(xv.v[e])) : neg_inf<acc_t<T>>();
+  }
+}
+
+// Adds one item to the running statistics: one exp per element, one rescale per item at most.
+// kFull: every element of the item lies in the row (all items but a row's first and last).
+template <bool kProb, bool kFull, int VEC, typename T>
+XENT_DEV void push_item(Partial<acc_t<T>>& part, const RowRef<T>& r, const ItemSpan& sp,
+                        const Pack<T, VEC>& xv, const Pack<T, VEC>& qv, const KernelArgs<T>& k) {
+  using acc = acc_t<T>;
+  acc y[VEC];
+  item_logits<kFull>(y, sp, xv, k);
+  target_sums<kProb, kFull>(part.d0, part.d1, r, sp, y, qv, k);
+  acc pm = y[0];
+#pragma unroll
+  for (int e = 1; e < VEC; ++e) pm = nan_max(pm, y[e]);
+  // exp(-inf - pm) = 0 clears an empty sum; a NaN pm or max poisons the sum.
+  if (pm > part.ms.max || pm != pm) {
+    part.ms.sum *= fast_exp(part.ms.max - pm);
+    part.ms.max = pm;
+  }
+  const acc mr = part.ms.max == neg_inf<acc>() ? acc(0) : part.ms.max;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) part.ms.sum += fast_exp(y[e] - mr);
+}
+
+// Loss, lse and gradient coefficients of a row from its combined statistics.
+template <typename acc>
+struct RowResult {
+  acc loss;
+  acc lse;
+  GradCoef<acc> gc;  // probability targets: gc.a, and gc.b = the gradient scale s
+};
+
+template <bool kProb, typename T>
+XENT_DEV RowResult<acc_t<T>> finish_row(const Partial<acc_t<T>>& part, const RowRef<T>& r,
+                                        const KernelArgs<T>& k) {
+  using acc = acc_t<T>;
+  const RowOptions& o = k.opt;
+  const acc s = k.grad_scale != nullptr ? *k.grad_scale : acc(1);
+  RowResult<acc> res;
+  res.lse = ms_lse(part.ms);
+  if (kProb) {
+    res.loss = prob_row_loss(part.d0, part.d1, r.ref, res.lse, o);
+    res.gc = GradCoef<acc>{prob_grad_a(part.d0, res.lse, s, o), s, acc(0)};
+  } else {
+    IndexRow<acc> ir{};
+    ir.ref = r.ref;
+    ir.w_sum = k.w_sum != nullptr ? *k.w_sum : acc(o.num_classes);
+    ir.dot_ref = part.d0;
+    if (r.valid) {
+      ir.w_t = k.w != nullptr ? k.w[r.t] : acc(1);
+      ir.y_t = r.y_t;
+    }
+    res.loss = index_row_loss(ir, res.lse, r.valid, o);
+    res.gc = index_grad_coef(ir, res.lse, r.valid, s, o);
+  }
+  return res;
+}
+
+// Gradient of one item, computed in acc and rounded once:
+//   index targets:        (a p_j - b w_j - [j == t] hot) T'(x_j)
+//   probability targets:  (a p_j - s c_j) T'(x_j)
+template <bool kProb, bool kFull, int VEC, typename T>
+XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pack<T, VEC>& xv,
+                                const Pack<T, VEC>& qv, const RowResult<acc_t<T>>& res,
+                                const KernelArgs<T>& k) {
+  using acc = acc_t<T>;
+  Pack<T, VEC> gv;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    acc gj = acc(0);
+    if (r.valid && (kFull || (e >= sp.lo && e < sp.hi))) {
+      const int j = sp.j0 + e;
+      const acc wj = k.w != nullptr ? k.w[j] : acc(1);
+      acc c;
+      if (kProb) {
+        c = res.gc.b * k.em.prob_c(acc(qv.v[e]), wj);
+      } else {
+        c = res.gc.b * wj + (j == r.t ? res.gc.hot : acc(0));
+      }
+      const acc xj = acc(xv.v[e]);
+      const acc p = fast_exp(k.em.y(xj) - res.lse);
+      gj = (res.gc.a * p - c) * k.em.slope(xj);
+    }
+    gv.v[e] = static_cast<T>(gj);
+  }
+  return gv;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slice sweeps of a block: items [begin, end) of a row, item begin + threadIdx.x + i * blockDim.x
+// for thread threadIdx.x.  With kCache, items below k.cache_items go to / come from shared
+// memory (indexed by item: the block regime passes begin = 0).
+// ---------------------------------------------------------------------------------------------
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
+
+// The per-slice partial statistics of this thread (the block's: block_reduce of them).
+template <bool kProb, bool kCache, int VEC, typename T>
+XENT_DEV Partial<acc_t<T>> slice_partial(const RowRef<T>& r, int begin, int end,
+                                         const KernelArgs<T>& k, Pack<T, VEC>* xs,
+                                         Pack<T, VEC>* qs) {
+  using P = Pack<T, VEC>;
+  Partial<acc_t<T>> part = partial_empty<acc_t<T>>();
+  const int step = blockDim.x;
+  for (int base = begin + threadIdx.x; base < end; base += step * kUnroll) {
+    P xv[kUnroll];
+    P qv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int item = base + u * step;
+      if (item < end) {
+        const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+        xv[u] = load_item<VEC>(r.x, sp);
+        if (kProb) qv[u] = load_item<VEC>(r.q, sp);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int item = base + u * step;
+      if (item < end) {
+        if (kCache && item < k.cache_items) {
+          xs[item] = xv[u];
+          if (kProb) qs[item] = qv[u];
+        }
+        const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+        if (item_full<VEC>(sp)) {
+          push_item<kProb, true>(part, r, sp, xv[u], qv[u], k);
+        } else {
+          push_item<kProb, false>(part, r, sp, xv[u], qv[u], k);
+        }
+      }
+    }
+  }
+  return part;
+}
+
+// The gradient of a slice given the row's lse (in res).
+template <bool kProb, bool kCache, int VEC, typename T>
+XENT_DEV void slice_grad(const RowRef<T>& r, int begin, int end, const RowResult<acc_t<T>>& res,
+                         const KernelArgs<T>& k, const Pack<T, VEC>* xs, const Pack<T, VEC>* qs) {
+  using P = Pack<T, VEC>;
+  const int step = blockDim.x;
+  for (int base = begin + threadIdx.x; base < end; base += step * kUnroll) {
+    P xv[kUnroll];
+    P qv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int item = base + u * step;
+      if (item < end && r.valid) {
+        if (kCache && item < k.cache_items) {
+          xv[u] = xs[item];
+          if (kProb) qv[u] = qs[item];
+        } else {
+          const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+          xv[u] = load_item<VEC>(r.x, sp);
+          if (kProb) qv[u] = load_item<VEC>(r.q, sp);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int item = base + u * step;
+      if (item < end) {
+        const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+        store_item<VEC>(r.g, sp,
+                        item_full<VEC>(sp) ? grad_item<kProb, true>(r, sp, xv[u], qv[u], res, k)
+                                           : grad_item<kProb, false>(r, sp, xv[u], qv[u], res, k));
+      }
+    }
+  }
+}
+
+// A row's statistics from its slices' partials: thread i folds partials i, i + blockDim.x, ...
+// then the block combines them.  Every thread gets the result.
+template <typename acc>
+XENT_DEV Partial<acc> combine_partials(const Partial<acc>* parts, int n) {
+  Partial<acc> p = partial_empty<acc>();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) p = partial_combine(p, parts[i]);
+  return block_reduce(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------------------------
+// Launch bounds.  The minimum resident blocks per SM cap the registers (65536 / (threads *
+// blocks)) without spilling: the common class-index float / half kernels are held to 64-85
+// registers for occupancy; probability targets and double, which carry twice the state, get
+// up to 128 (255 for the largest group tile).  tests/test_cuda_static.py checks that no kernel
+// uses local memory.
+constexpr int kGroupThreads = 256;
+constexpr int kBlockThreads = 256;     // block regime
+constexpr int kBlockBigThreads = 512;  // block regime, rows that leave room for one block per SM
+constexpr int kSplitThreads = 256;
+template <typename T, int NV, bool kProb>
+constexpr int group_min_blocks() {
+  return (!kProb && sizeof(T) <= 4) ? (NV <= 2 ? 4 : 2) : (NV == 4 ? 1 : 2);
+}
+template <typename T, bool kProb, int kThreads = 256>
+constexpr int block_min_blocks() {
+  return kThreads > 256 ? 1 : (!kProb && sizeof(T) <= 4) ? 3 : 2;
+}
+constexpr int kStridedThreads = 256;
+
+// Group regime: G lanes per row, NV items per lane kept in registers.
+template <typename T, int VEC, int G, int NV, bool kProb>
+__global__ void __launch_bounds__(kGroupThreads, (group_min_blocks<T, NV, kProb>()))
+    group_rows_kernel(KernelArgs<T> k) {
+  using acc = acc_t<T>;
+  using P = Pack<T, VEC>;
+  static_assert(G == 8 || G == 16 || G == 32, "group size");
+  const int lane = threadIdx.x % G;
+  const int groups_per_block = blockDim.x / G;
+  // The loop runs the same number of times in every lane of a warp (shuffles need all 32).
+  const int64_t warp_first =
+      static_cast<int64_t>(blockIdx.x) * groups_per_block + (threadIdx.x / 32) * (32 / G);
+  const int sub = (threadIdx.x % 32) / G;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
+  for (int64_t base = warp_first; base < k.rows; base += stride) {
+    const int64_t row = base + sub;
+    const bool active = row < k.rows;
+    const RowRef<T> r = make_row<VEC>(k, row, active);
+
+    P xc[NV];
+    P qc[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int item = lane + i * G;
+      if (item < r.items) {
+        const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+        xc[i] = load_item<VEC>(r.x, sp);
+        if (kProb) qc[i] = load_item<VEC>(r.q, sp);
+      }
+    }
+
+    // Pass 1 over the registers: max and the target sums.
+    acc m = neg_inf<acc>(), d0 = acc(0), d1 = acc(0);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const ItemSpan sp = item_span<VEC>(lane + i * G, r.shift, r.C);
+      acc y[VEC];
+      if (item_full<VEC>(sp)) {
+        item_logits<true>(y, sp, xc[i], k);
+        target_sums<kProb, true>(d0, d1, r, sp, y, qc[i], k);
+      } else {
+        item_logits<false>(y, sp, xc[i], k);
+        target_sums<kProb, false>(d0, d1, r, sp, y, qc[i], k);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) m = nan_max(m, y[e]);
+    }
+    m = group_max<G>(m);
+    // Pass 2: sum of exp(y - m).  An all -inf row sums exp(-inf) = 0 and gets lse = -inf.
+    const acc mr = m == neg_inf<acc>() ? acc(0) : m;
+    acc sum = acc(0);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const ItemSpan sp = item_span<VEC>(lane + i * G, r.shift, r.C);
+      acc y[VEC];
+      if (item_full<VEC>(sp)) {
+        item_logits<true>(y, sp, xc[i], k);
+      } else {
+        item_logits<false>(y, sp, xc[i], k);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += fast_exp(y[e] - mr);
+    }
+    Partial<acc> part;
+    part.ms = MaxSum<acc>{m, group_sum<G>(sum)};
+    part.d0 = (kProb || k.smooth) ? group_sum<G>(d0) : acc(0);
+    part.d1 = kProb ? group_sum<G>(d1) : acc(0);
+
+    const RowResult<acc> res = finish_row<kProb>(part, r, k);
+    if (active && lane == 0) {
+      k.loss[row] = res.loss;
+      k.lse[row] = res.lse;
+    }
+    if (r.g != nullptr) {
+      sync_warp();  // every lane's reads of the row (x[0], x[t]) before any in-place store
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int item = lane + i * G;
+        if (item < r.items) {
+          const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+          store_item<VEC>(r.g, sp,
+                          item_full<VEC>(sp)
+                              ? grad_item<kProb, true>(r, sp, xc[i], qc[i], res, k)
+                              : grad_item<kProb, false>(r, sp, xc[i], qc[i], res, k));
+        }
+      }
+    }
+  }
+}
+
+// Block regime: one block per row, the row cached in shared memory up to k.cache_items items.
+// kThreads: the most threads per block (512 for rows so large that one block fills an SM's
+// shared memory: the SM's only block then has twice the loads in flight).
+template <typename T, int VEC, bool kProb, int kThreads>
+__global__ void __launch_bounds__(kThreads, (block_min_blocks<T, kProb, kThreads>()))
+    block_rows_kernel(KernelArgs<T> k) {
+  using acc = acc_t<T>;
+  using P = Pack<T, VEC>;
+  P* xs = reinterpret_cast<P*>(dynamic_smem());
+  P* qs = xs + k.cache_items;
+  for (int64_t row = blockIdx.x; row < k.rows; row += gridDim.x) {
+    const RowRef<T> r = make_row<VEC>(k, row, true);
+    const Partial<acc> part =
+        block_reduce(slice_partial<kProb, true, VEC>(r, 0, r.items, k, xs, qs));
+    const RowResult<acc> res = finish_row<kProb>(part, r, k);
+    if (threadIdx.x == 0) {
+      k.loss[row] = res.loss;
+      k.lse[row] = res.lse;
+    }
+    if (r.g != nullptr) slice_grad<kProb, true, VEC>(r, 0, r.items, res, k, xs, qs);
+  }
+}
+
+// Split regime, step 1: block (slice, row) writes the partial statistics of its slice.
+template <typename T, int VEC, bool kProb>
+__global__ void __launch_bounds__(kSplitThreads, (block_min_blocks<T, kProb>()))
+    split_stats_kernel(KernelArgs<T> k) {
+  using acc = acc_t<T>;
+  using P = Pack<T, VEC>;
+  const int64_t row = blockIdx.y;
+  const int slice = blockIdx.x;
+  const RowRef<T> r = make_row<VEC>(k, row, true);
+  const int begin = slice * k.slice_items;
+  const int end = r.items - begin < k.slice_items ? r.items : begin + k.slice_items;
+  const Partial<acc> part = block_reduce(slice_partial<kProb, false, VEC>(
+      r, begin, end, k, static_cast<P*>(nullptr), static_cast<P*>(nullptr)));
+  if (threadIdx.x == 0) k.partials[row * k.splits + slice] = part;
+  if (slice == 0 && threadIdx.x == 0) {  // before the gradient step can overwrite the row
+    k.row_vals[2 * row] = r.ref;
+    k.row_vals[2 * row + 1] = r.y_t;
+  }
+}
+
+// Split regime, step 2: combine the row's partials, write loss and lse (slice 0), and the
+// gradient of this block's slice.  Launched with one slice per row when no gradient is wanted.
+template <typename T, int VEC, bool kProb>
+__global__ void __launch_bounds__(kSplitThreads, (block_min_blocks<T, kProb>()))
+    split_grad_kernel(KernelArgs<T> k) {
+  using acc = acc_t<T>;
+  using P = Pack<T, VEC>;
+  const int64_t row = blockIdx.y;
+  const int slice = blockIdx.x;
+  RowRef<T> r = make_row<VEC>(k, row, true, /*read_logits=*/false);
+  r.ref = k.row_vals[2 * row];
+  r.y_t = k.row_vals[2 * row + 1];
+  const Partial<acc> part = combine_partials(k.partials + row * k.splits, k.splits);
+  const RowResult<acc> res = finish_row<kProb>(part, r, k);
+  if (slice == 0 && threadIdx.x == 0) {
+    k.loss[row] = res.loss;
+    k.lse[row] = res.lse;
+  }
+  if (r.g == nullptr) return;
+  const int begin = slice * k.slice_items;
+  const int end = r.items - begin < k.slice_items ? r.items : begin + k.slice_items;
+  slice_grad<kProb, false, VEC>(r, begin, end, res, k, static_cast<const P*>(nullptr),
+                                static_cast<const P*>(nullptr));
+}
+
+// Strided regime: one thread per (n, s) row, classes strided by S.
+template <typename T, bool kProb>
+__global__ void __launch_bounds__(kStridedThreads, 1) strided_kernel(KernelArgs<T> k) {
+  using acc = acc_t<T>;
+  // The options in the row type: a float row keeps floats, not doubles, in registers.
+  const RowOptionsT<acc> o = options_as<acc>(k.opt);
+  const int64_t C = o.num_classes, S = k.S;
+  StridedRow<T, acc> row{};
+  row.stride = S;
+  row.w = k.w;
+  row.w_sum = k.w_sum != nullptr ? *k.w_sum : acc(C);
+  row.grad_scale = k.grad_scale != nullptr ? *k.grad_scale : acc(1);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < k.rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = (r / S) * C * S + r % S;
+    row.x = k.x + base;
+    row.g = k.g != nullptr ? k.g + base : nullptr;
+    if (kProb) {
+      k.loss[r] = prob_row_strided(row, k.t_prob + base, o, &k.lse[r]);
+    } else {
+      const int64_t t = k.t_index[r];
+      k.loss[r] = index_row_strided(row, t, check_target(t, k.opt), o, &k.lse[r]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: the plan.
+// ---------------------------------------------------------------------------------------------
+struct DeviceProps {
+  int sms;              // multiprocessors
+  int64_t smem_optin;   // most shared memory one block may use (static + dynamic), bytes
+  int64_t smem_per_sm;  // shared memory of one multiprocessor, bytes
+};
+
+// ---------------------------------------------------------------------------------------------
+// The backward: grad *= scale over the flat (N, C, S) gradient, in 16-byte items (the first and
+// last may be partial).  scale holds one factor, or one per loss row (n, s).  Items whose
+// factors are all exactly 1 are not written; with a single factor of 1 the kernel returns at
+// once, so the usual backward of a 'mean' or 'sum' loss costs one tiny launch.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct ScaleArgs {
+  scalar_t* g;
+  const acc_t<scalar_t>* scale;
+  int64_t numel, C, S;
+};
+
+constexpr int kScaleThreads = 256;
+
+template <typename T, int VEC, bool kPerRow>
+__global__ void __launch_bounds__(kScaleThreads) scale_grad_kernel(ScaleArgs<T> a) {
+  using acc = acc_t<T>;
+  if (!kPerRow && a.scale[0] == acc(1)) return;
+  const int64_t n = a.numel;
+  const int shift =
+      VEC == 1 ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(a.g) / sizeof(T)) % VEC);
+  const int64_t items = (n + shift + VEC - 1) / VEC;
+  for (int64_t it = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; it < items;
+       it += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j0 = it * VEC - shift;
+    const bool full = j0 >= 0 && j0 + VEC <= n;
+    Pack<T, VEC> p;
+    if (full) {
+      p = *reinterpret_cast<const Pack<T, VEC>*>(a.g + j0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) p.v[e] = (j0 + e >= 0 && j0 + e < n) ? a.g[j0 + e] : T(0);
+    }
+    // Row of the first element in range, and where the next row starts (S == 1).
+    const int64_t first = j0 < 0 ? 0 : j0;
+    int64_t row = kPerRow && a.S == 1 ? first / a.C : 0;
+    int64_t next = (row + 1) * a.C;
+    bool changed = false;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int64_t j = j0 + e;
+      if (j < 0 || j >= n) continue;
+      acc f;
+      if (!kPerRow) {
+        f = a.scale[0];
+      } else if (a.S == 1) {
+        while (j >= next) {
+          ++row;
+          next += a.C;
+        }
+        f = a.scale[row];
+      } else {
+        f = a.scale[(j / (a.C * a.S)) * a.S + j % a.S];
+      }
+      if (f != acc(1)) {
+        p.v[e] = static_cast<T>(acc(p.v[e]) * f);
+        changed = true;
+      }
+    }
+    if (!changed) continue;
+    if (full) {
+      *reinterpret_cast<Pack<T, VEC>*>(a.g + j0) = p;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (j0 + e >= 0 && j0 + e < n) a.g[j0 + e] = p.v[e];
+      }
+    }
+  }
+}
+
+template <typename T, typename Launcher>
+void launch_scale_grad(const ScaleArgs<T>& a, bool per_row, const DeviceProps& d,
+                       Launcher& launch) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t items = (a.numel + 2 * V - 2) / V;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((items + kScaleThreads - 1) / kScaleThreads,
+                                             static_cast<int64_t>(std::max(d.sms, 1)) * 8));
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kScaleThreads);
+  if (per_row) {
+    launch(&scale_grad_kernel<T, V, true>, grid, block, 0, a);
+  } else {
+    launch(&scale_grad_kernel<T, V, false>, grid, block, 0, a);
+  }
+}
+
+enum class Regime { kAuto, kGroup, kBlock, kBlockScalar, kSplit, kStrided };
+
+inline const char* regime_name(Regime r) {
+  switch (r) {
+    case Regime::kGroup:
+      return "group";
+    case Regime::kBlock:
+      return "block";
+    case Regime::kBlockScalar:
+      return "block_scalar";
+    case Regime::kSplit:
+      return "split";
+    case Regime::kStrided:
+      return "strided";
+    default:
+      return "auto";
+  }
+}
+
+// "auto" or one of the names above; anything else is auto.
+inline Regime regime_from_name(const char* s) {
+  if (s == nullptr) return Regime::kAuto;
+  for (Regime r :
+       {Regime::kGroup, Regime::kBlock, Regime::kBlockScalar, Regime::kSplit, Regime::kStrided}) {
+    const char* n = regime_name(r);
+    const char* a = s;
+    while (*n != '\0' && *a == *n) ++a, ++n;
+    if (*n == '\0' && *a == '\0') return r;
+  }
+  return Regime::kAuto;
+}
+
+struct Plan {
+  Regime regime = Regime::kStrided;
+  int vec = 1;     // elements per item
+  int group = 32;  // group regime: lanes per row
+  int nv = 1;      // group regime: items per lane
+  int threads = kStridedThreads;
+  int64_t blocks = 1;       // grid x
+  int64_t grid_y = 1;       // split regime: rows
+  int64_t cache_items = 0;  // block regime
+  int64_t smem = 0;         // dynamic shared memory per block, bytes
+  int64_t splits = 1;       // split regime
+  int64_t slice_items = 0;  // split regime
+  bool transposed = false;  // K-dim input run as contiguous rows of a transposed copy
+};
+
+// Thresholds of the regimes (see the file comment).
+constexpr int64_t kGroupMaxItems = 32 * 4;  // group regime up to 128 items (1024 bf16, 512 f32)
+constexpr int64_t kSplitMinClasses = 32768;
+constexpr int64_t kSplitMinSliceItems = kSplitThreads * kUnroll;
+constexpr int64_t kStaticSmemReserve = 2048;  // block_reduce's scratch, with room to spare
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// rows: N * S; C: classes; elem: sizeof(T); vec_ok: x, grad and probability target share their
+// offset modulo 16 bytes; grad: the gradient is wanted (without it, rows are not cached).
+// `force` picks a regime for tests; one that cannot run the shape falls back to the automatic
+// choice.
+inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_ok, bool prob,
+                         bool grad, const DeviceProps& d, Regime force = Regime::kAuto) {
+  Plan p;
+  const int64_t sms = std::max(d.sms, 1);
+  // In-row indices are 32-bit: rows of 2^30 classes or more take the strided kernel (64-bit).
+  if (S != 1 || C == 0 || C >= (int64_t(1) << 30)) {
+    p.regime = Regime::kStrided;
+    p.threads = kStridedThreads;
+    p.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, p.threads), sms * 8 * 4));
+    return p;
+  }
+  const int full_vec = 16 / elem;
+  // Items of a row at most, whatever its offset.
+  const int64_t items_max = ceil_div(C + full_vec - 1, full_vec);
+  const bool group_ok = vec_ok && items_max <= kGroupMaxItems;
+  const int64_t split_slices_want = ceil_div(2 * sms, rows);
+  const bool split_ok =
+      vec_ok && rows <= 65535 && split_slices_want >= 2 && items_max >= 2 * kSplitMinSliceItems;
+
+  Regime reg = force;
+  if (reg == Regime::kStrided) reg = Regime::kAuto;  // the strided kernel is for S > 1
+  if ((reg == Regime::kGroup && !group_ok) || (reg == Regime::kSplit && !split_ok)) {
+    reg = Regime::kAuto;
+  }
+  if (reg == Regime::kBlock && !vec_ok) reg = Regime::kBlockScalar;
+  if (reg == Regime::kAuto) {
+    if (!vec_ok) {
+      reg = Regime::kBlockScalar;
+    } else if (group_ok) {
+      reg = Regime::kGroup;
+    } else if (split_ok && rows < sms && C >= kSplitMinClasses) {
+      reg = Regime::kSplit;
+    } else {
+      reg = Regime::kBlock;
+    }
+  }
+  p.regime = reg;
+
+  if (reg == Regime::kGroup) {
+    p.vec = full_vec;
+    p.group = items_max <= 8 ? 8 : 32;
+    p.nv = items_max <= 32 ? 1 : items_max <= 64 ? 2 : 4;
+    p.threads = kGroupThreads;
+    const int64_t rows_per_block = p.threads / p.group;
+    p.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, rows_per_block), sms * 8 * 4));
+    return p;
+  }
+  if (reg == Regime::kSplit) {
+    p.vec = full_vec;
+    p.threads = kSplitThreads;
+    int64_t slice = std::max(kSplitMinSliceItems, ceil_div(items_max, split_slices_want));
+    slice = ceil_div(slice, p.threads) * p.threads;
+    p.slice_items = slice;
+    p.splits = ceil_div(items_max, slice);
+    p.blocks = p.splits;
+    p.grid_y = rows;
+    return p;
+  }
+  // Block regime.
+  p.vec = reg == Regime::kBlockScalar ? 1 : full_vec;
+  const int64_t items = reg == Regime::kBlockScalar ? C : items_max;
+  const int64_t want = ceil_div(ceil_div(items, kUnroll), 32) * 32;
+  p.threads = static_cast<int>(std::min<int64_t>(kBlockThreads, std::max<int64_t>(64, want)));
+  const int64_t item_bytes = static_cast<int64_t>(p.vec) * elem * (prob ? 2 : 1);
+  const int64_t budget = grad ? std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve) : 0;
+  p.cache_items = std::min(items, budget / item_bytes);
+  p.smem = p.cache_items * item_bytes;
+  if (p.vec > 1 && 2 * (p.smem + kStaticSmemReserve) > d.smem_per_sm) {
+    // One block per SM: give it more threads.
+    p.threads = static_cast<int>(std::min<int64_t>(kBlockBigThreads, std::max<int64_t>(64, want)));
+  }
+  const int64_t by_threads = std::max<int64_t>(1, 2048 / p.threads);
+  const int64_t by_smem = std::max<int64_t>(1, d.smem_per_sm / (p.smem + kStaticSmemReserve));
+  p.blocks = std::max<int64_t>(1, std::min(rows, sms * std::min(by_threads, by_smem)));
+  return p;
+}
+
+// Launches the plan's kernels through `launch(kernel, grid, block, smem_bytes, args)`: real CUDA
+// launches in xent_cuda.cu, the CPU emulation in emu/.
+template <typename T, bool kProb, typename Launcher>
+void launch_plan(const KernelArgs<T>& k, const Plan& p, Launcher& launch) {
+  constexpr int V = 16 / sizeof(T);
+  static_assert(sizeof(Pack<T, V>) == 16, "16-byte items");
+  const dim3 block(static_cast<unsigned>(p.threads));
+  const dim3 grid(static_cast<unsigned>(p.blocks), static_cast<unsigned>(p.grid_y));
+  switch (p.regime) {
+    case Regime::kGroup:
+      if (p.group == 8) {
+        launch(&group_rows_kernel<T, V, 8, 1, kProb>, grid, block, 0, k);
+      } else if (p.nv == 1) {
+        launch(&group_rows_kernel<T, V, 32, 1, kProb>, grid, block, 0, k);
+      } else if (p.nv == 2) {
+        launch(&group_rows_kernel<T, V, 32, 2, kProb>, grid, block, 0, k);
+      } else {
+        launch(&group_rows_kernel<T, V, 32, 4, kProb>, grid, block, 0, k);
+      }
+      break;
+    case Regime::kBlock:
+      if (p.threads > kBlockThreads) {
+        launch(&block_rows_kernel<T, V, kProb, kBlockBigThreads>, grid, block, p.smem, k);
+      } else {
+        launch(&block_rows_kernel<T, V, kProb, kBlockThreads>, grid, block, p.smem, k);
+      }
+      break;
+    case Regime::kBlockScalar:
+      launch(&block_rows_kernel<T, 1, kProb, kBlockThreads>, grid, block, p.smem, k);
+      break;
+    case Regime::kSplit: {
+      launch(&split_stats_kernel<T, V, kProb>, grid, block, 0, k);
+      const dim3 grid2(k.g != nullptr ? grid.x : 1u, grid.y);
+      launch(&split_grad_kernel<T, V, kProb>, grid2, block, 0, k);
+      break;
+    }
+    default:
+      launch(&strided_kernel<T, kProb>, grid, block, 0, k);
+      break;
+  }
+}
+
+}  // namespace cuda
+}  // namespace xent
