@@ -42,11 +42,11 @@ bench: build
 
 lint: setup
 	$(VENV)/bin/ruff check xent_ext tests bench setup.py
-	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu')
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 format: setup
 	$(VENV)/bin/ruff check --fix xent_ext tests bench setup.py
-	$(VENV)/bin/clang-format -i $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu')
+	$(VENV)/bin/clang-format -i $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 # On a GPU machine: build, CUDA tests, compute-sanitizer, GPU bench; logs under OUT.
 gpu-check:
