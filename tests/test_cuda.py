@@ -113,7 +113,7 @@ def check(x, target, upstream="ones", **kw):
 
 
 # Shapes by regime.  Automatic choice on an H100 / A100: C up to 1024 (16-bit), 512 (float32),
-# 256 (float64) -> group; larger -> block; fewer rows than SMs and C >= 32768 -> split.
+# 256 (float64) -> group; larger -> block; rows <= SMs / 2 and C >= 32768 -> split.
 SHAPES = {
     "tiny": (64, 3),
     "tiny8": (50, 10),

@@ -5,8 +5,8 @@
 // launches them on the current stream.
 //
 // XENT_CUDA_REGIME (environment, read at each call) forces a regime for tests and benchmarks:
-// group, block, block_scalar, split or auto (the default); a regime that cannot run the shape
-// falls back to the automatic choice.
+// group, block, block_scalar, split, strided (K-dim inputs stay strided, not transposed) or
+// auto (the default); a regime that cannot run the shape falls back to the automatic choice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

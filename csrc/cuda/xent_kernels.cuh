@@ -17,13 +17,15 @@
 //             from global memory again in sweep 2.  Each thread reads back only the shared
 //             memory it wrote, so the cache needs no barrier.  256 threads per block, 512 when
 //             a row's cache leaves room for only one block per SM.
-//  * split:   few rows (fewer than the SMs) with huge C.  Each row is cut into slices of
+//  * split:   few rows (at most half the SMs) with huge C (>= 32768).  A row is cut into slices of
 //             `slice_items` 16-byte items; split_stats_kernel reduces every slice to a Partial
 //             (max, sum-exp, target sums) in a small workspace, then split_grad_kernel combines
 //             a row's partials (every block of the row does it, so no atomics or counters are
 //             needed), writes loss and lse from slice 0 and the gradient of its own slice.
 //             slice_partial / combine_partials / slice_grad are the pieces a vocab-parallel
-//             cross entropy would reuse (there the combine runs over shards).
+//             cross entropy would reuse (there the combine runs over shards).  With a gradient
+//             it reads the logits twice (three passes instead of two): worth it only while one
+//             block per row would leave most SMs idle.
 //  * strided: K-dim inputs (S > 1, classes strided by S) with C < 512, and C == 0.  One thread
 //             per (n, s) row running xent_row_strided.h, the very code of the CPU scalar path;
 //             neighbouring threads read neighbouring addresses.  K-dim inputs with more
@@ -908,7 +910,7 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
       reg = Regime::kBlockScalar;
     } else if (group_ok) {
       reg = Regime::kGroup;
-    } else if (split_ok && rows < sms && C >= kSplitMinClasses) {
+    } else if (split_ok && 2 * rows <= sms && C >= kSplitMinClasses) {
       reg = Regime::kSplit;
     } else {
       reg = Regime::kBlock;
