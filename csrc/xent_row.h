@@ -106,8 +106,9 @@ XENT_HD MaxSum<T> ms_combine(MaxSum<T> a, MaxSum<T> b) {
 template <typename T>
 XENT_HD MaxSum<T> ms_push(MaxSum<T> a, T y) {
   if (y > a.max) {
-    const T s = a.max == neg_inf<T>() ? T(0) : a.sum * exp(a.max - y);
-    return {y, s + T(1)};
+    // From an empty start exp(-inf - y) is 0, and a NaN sum stays NaN (a NaN logit seen
+    // while the max was still -inf must not be forgotten).
+    return {y, a.sum * exp(a.max - y) + T(1)};
   }
   if (y == neg_inf<T>()) return a;
   return {a.max, a.sum + exp(y - a.max)};  // a NaN y lands here and poisons the sum
@@ -126,12 +127,10 @@ XENT_HD T ms_lse(MaxSum<T> a) {
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename O>
 XENT_HD T transform_logit(T x, const O& o) {
-  if (o.softcap > 0.0) {
-    // -inf marks a masked entry: it stays -inf rather than becoming -softcap, so masked or
-    // padded entries never receive probability mass.
-    if (x == neg_inf<T>()) return x;
-    return T(o.softcap) * tanh(T(o.logit_scale) * x / T(o.softcap));
-  }
+  // -inf marks a masked (or padded) entry: it stays -inf, rather than becoming -softcap or,
+  // with a negative logit_scale, +inf, so such entries never receive probability mass.
+  if (x == neg_inf<T>()) return x;
+  if (o.softcap > 0.0) return T(o.softcap) * tanh(T(o.logit_scale) * x / T(o.softcap));
   return T(o.logit_scale) * x;
 }
 

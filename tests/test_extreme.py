@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import xent_ext
 from xent_ext.reference import naive_cross_entropy
 
-from .conftest import DEVICES
+from .conftest import DEVICES, DTYPES
 
 
 def _extreme_rows(dtype, big, device):
@@ -91,3 +91,14 @@ def test_vector_exp_accuracy(cpu_isa):
     special = torch.tensor([-1000.0, -88.0, float("-inf"), float("nan"), 0.0])
     ys = xent_ext._C._vec_exp(special)
     assert ys[0] == 0 and ys[1] == 0 and ys[2] == 0 and ys[3].isnan() and ys[4] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [10, 100, 3000])
+def test_nan_first_logit_poisons_the_row(device, dtype, c):
+    x = torch.randn(3, c, dtype=torch.float64).to(dtype).to(device)
+    x[0, 0] = float("nan")
+    t = torch.tensor([1, 2, 3], device=device)
+    ours = xent_ext.cross_entropy(x, t, reduction="none")
+    assert bool(ours[0].isnan()) and bool(torch.isfinite(ours[1:]).all())

@@ -18,9 +18,11 @@ REDUCTIONS = ["none", "mean", "sum"]
 def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
               z_loss=0.0, softcap=None, logit_scale=1.0):
     """Loss, z-loss term and lse in float64 from plain torch ops (autograd gives the gradient)."""
-    y = x.double() * logit_scale
+    # Masked (-inf) logits stay -inf under every transform (xent_ext's documented semantics).
+    masked = torch.isneginf(x)
+    y = torch.where(masked, x.double(), x.double() * logit_scale)
     if softcap is not None:
-        y = torch.where(torch.isneginf(x), y, softcap * torch.tanh(y / softcap))
+        y = torch.where(masked, y, softcap * torch.tanh(y / softcap))
     w = weight.double() if weight is not None else None
     rows = F.cross_entropy(y, t, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
@@ -215,3 +217,14 @@ def test_compile_fullgraph(device, opts):
     out2.backward()
     torch.testing.assert_close(out1, out2)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("c", [10, 100, 5000])  # one row per lane, one row at a time, chunks
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_logit_scale_every_path(cpu_isa, dtype, c):
+    """A negative scale flips the logits; padding and masked (-inf) entries must stay -inf."""
+    g = torch.Generator().manual_seed(c)
+    x = random_logits((5, c), dtype, "cpu", generator=g)
+    x[1, 3] = float("-inf")
+    t = torch.tensor([0, 1, 2, 3, 4])
+    _check(x, t, None, {"logit_scale": -1.5}, {}, "none")

@@ -58,6 +58,17 @@ def test_probability_targets(device, dtype, reduction, eps, weighted):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_probability_targets_large_vocabulary(device, dtype):
+    """Long sums over 40000 classes must keep their digits (the gradient depends on them)."""
+    c = 40000
+    x = random_logits((3, c), dtype, device)
+    q = _probs((3, c), dtype, device)
+    assert_close_to_reference(x, q, upstream="random", reduction="sum", label_smoothing=0.1,
+                              weight=_weight(c, dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4, 5, 3), (2, 7, 3, 4), (3, 1, 5), (2, 300, 2, 2, 2)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_kdim_inputs(device, dtype, shape, reduction):

@@ -287,10 +287,10 @@ inline vf load_w(const float* w, int64_t i, int64_t n_left) {
   return Io<Dtype::f32>::load(buf);
 }
 
+// -inf (masked entries, and the padding of ragged tails) stays -inf, as in xent_row.h.
 template <bool kCap>
 inline vf transform(vf x, VecTransform t) {
-  if (!kCap) return x * t.scale;
-  const vf y = vtanh(x * (t.scale / t.softcap)) * t.softcap;
+  const vf y = kCap ? vtanh(x * (t.scale / t.softcap)) * t.softcap : x * t.scale;
   return x == -__builtin_inff() ? x : y;
 }
 

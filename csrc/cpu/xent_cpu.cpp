@@ -59,29 +59,36 @@ acc total_of(const acc* w, int64_t n) {
 // ---- scalar path: any dtype, classes strided by S (xent_row_strided.h) -----------------------
 template <typename scalar_t>
 void rows_scalar(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
+  // Sums in double whatever the dtype: this path walks a row one element at a time (one long
+  // sequential sum), and it is the path of probability targets, whose sums of c_j over 10^5
+  // classes would lose digits in float.
   using acc = acc_t<scalar_t>;
+  using wide = double;
   const RowOptions& o = a.opt;
   const int64_t C = o.num_classes, S = a.input.size(2);
   const scalar_t* X = a.input.const_data_ptr<scalar_t>();
   scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  StridedRow<scalar_t, acc> row{};
+  const at::Tensor w64 = a.weight.defined() ? a.weight.to(at::kDouble) : at::Tensor();
+  StridedRow<scalar_t, wide> row{};
   row.stride = S;
-  row.w = a.weight.defined() ? a.weight.const_data_ptr<acc>() : nullptr;
+  row.w = w64.defined() ? w64.const_data_ptr<wide>() : nullptr;
   row.w_sum = total_of(row.w, C);
-  row.grad_scale = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<acc>() : acc(1);
+  row.grad_scale = a.grad_scale.defined() ? wide(*a.grad_scale.const_data_ptr<acc>()) : wide(1);
   acc* loss_out = a.loss_rows.mutable_data_ptr<acc>();
   acc* lse_out = a.lse.mutable_data_ptr<acc>();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t base = (r / S) * C * S + r % S;  // 64-bit offsets throughout
     row.x = X + base;
     row.g = G ? G + base : nullptr;
+    wide lse = 0, loss = 0;
     if (a.prob_target) {
-      loss_out[r] =
-          prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o, &lse_out[r]);
+      loss = prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o, &lse);
     } else {
       const int64_t t = a.target.const_data_ptr<int64_t>()[r];
-      loss_out[r] = index_row_strided(row, t, target_is_valid(t, o, bad), o, &lse_out[r]);
+      loss = index_row_strided(row, t, target_is_valid(t, o, bad), o, &lse);
     }
+    loss_out[r] = static_cast<acc>(loss);
+    lse_out[r] = static_cast<acc>(lse);
   }
 }
 
