@@ -17,12 +17,14 @@ MODES = ("fwd", "fwdbwd")
 # Classification (few classes, many rows) and language-model vocabularies (32k Llama-2,
 # 128k Llama-3, 256k Gemma).  The CPU set is sized so that the default run stays around ten
 # minutes on a 2-core machine; the CUDA set has the large-batch LM cases that matter there.
-CPU_SHAPES = [(65536, 10), (8192, 1000), (4096, 32000), (1024, 128256), (4, 262144)]
+# A third number S makes a K-dim input (N, V, S) with targets (N, S): segmentation-like maps.
+CPU_SHAPES = [(65536, 10), (8192, 1000), (4096, 32000), (1024, 128256), (4, 262144),
+              (16, 21, 4096)]
 CPU_DTYPES = ["float32", "bfloat16"]
 # float16 and float64 on one LM shape only: they are rare on CPU, one shape shows the trend.
 CPU_EXTRA = [((4096, 32000), "float16"), ((4096, 32000), "float64")]
 CUDA_SHAPES = [(8192, 128256), (16384, 32000), (4096, 262144), (8, 262144), (64, 131072),
-               (1048576, 10), (65536, 1000)]
+               (1048576, 10), (65536, 1000), (64, 21, 65536), (64, 1000, 1024)]
 CUDA_DTYPES = ["bfloat16", "float16", "float32"]
 # --quick: one classification and one LM shape, one dtype; meant for a smoke run.
 QUICK_SHAPES = {"cpu": [(8192, 1000), (512, 32000)], "cuda": [(65536, 1000), (8192, 128256)]}
@@ -49,36 +51,44 @@ BUDGETS = {
 
 @dataclass(frozen=True)
 class Group:
-    """One input (N, V, dtype): the copy baseline and every mode x implementation run on it."""
+    """One input (N, V[, S], dtype): the copy baseline and every mode x implementation run on
+    it.  S > 1: K-dim logits (N, V, S), class dimension 1, targets (N, S)."""
 
     n: int
     v: int
     dtype: torch.dtype
+    s: int = 1
 
     @property
     def nbytes(self) -> int:
-        return self.n * self.v * self.dtype.itemsize
+        return self.n * self.v * self.s * self.dtype.itemsize
 
     @property
     def shape_label(self) -> str:
-        return f"{self.n}x{self.v}"
+        return shape_label(self.n, self.v, self.s)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'4096x32000,1024x128256' -> [(4096, 32000), (1024, 128256)]."""
+def shape_label(n: int, v: int, s: int = 1) -> str:
+    return f"{n}x{v}" + (f"x{s}" if s > 1 else "")
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """'4096x32000,16x21x4096' -> [(4096, 32000), (16, 21, 4096)] (NxV, or NxVxS for K-dim)."""
     shapes = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         try:
-            n, v = (int(p) for p in item.lower().split("x"))
+            dims = tuple(int(p) for p in item.lower().split("x"))
         except ValueError:
-            raise ValueError(f"bad shape {item!r}: expected NxV, e.g. 4096x32000") from None
-        if n < 1 or v < 1:
-            raise ValueError(f"bad shape {item!r}: N and V must be positive")
-        shapes.append((n, v))
+            dims = ()
+        if len(dims) not in (2, 3):
+            raise ValueError(f"bad shape {item!r}: expected NxV or NxVxS, e.g. 4096x32000")
+        if min(dims) < 1:
+            raise ValueError(f"bad shape {item!r}: N, V (and S) must be positive")
+        shapes.append(dims)
     return shapes
 
 
@@ -107,8 +117,9 @@ def plan(device: str, quick: bool, shapes: list[tuple[int, int]] | None,
     # Extras run right after the other dtypes of their shape (stable sort keeps dtype order).
     pairs = sorted(pairs + extra, key=lambda p: shape_list.index(p[0]))
     groups: list[Group] = []
-    for (n, v), d in pairs:
-        group = Group(n, v, DTYPES[d])
+    for dims, d in pairs:
+        n, v, *rest = dims
+        group = Group(n, v, DTYPES[d], rest[0] if rest else 1)
         if group not in groups:
             groups.append(group)
     return groups

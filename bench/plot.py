@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .cases import shape_label
 from .runner import Cell
 
 
@@ -36,14 +37,15 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
             panel = [c for c in rows if c.mode == mode and c.dtype == dtype]
-            shapes = sorted({(c.v, c.n) for c in panel})
+            shapes = sorted({(c.v, c.n, c.s) for c in panel})
             for impl in impls:
-                by_shape = {(c.v, c.n): c for c in panel if c.impl == impl}
+                by_shape = {(c.v, c.n, c.s): c for c in panel if c.impl == impl}
                 ys = [_value(by_shape.get(s), use_speedup) for s in shapes]
                 if any(not math.isnan(y) for y in ys):
                     ax.plot(range(len(shapes)), ys, marker="o", label=impl)
             ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels([f"{n}x{v}" for v, n in shapes], rotation=30, ha="right",
+            ax.set_xticklabels([shape_label(n, v, sp) for v, n, sp in shapes], rotation=30,
+                               ha="right",
                                fontsize=8)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)

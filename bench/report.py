@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .cases import DTYPES
+from .cases import DTYPES, shape_label
 from .impls import COMPILE, EAGER
 from .runner import Cell, RunResult
 
@@ -35,18 +35,18 @@ peak MiB    most memory the call held at once beyond its inputs, torch allocator
 
 def _bytes(cell: Cell) -> int:
     itemsize = DTYPES[cell.dtype].itemsize
-    return cell.n * cell.v * itemsize * (1 if cell.mode == "fwd" else 2)
+    return cell.n * cell.v * cell.s * itemsize * (1 if cell.mode == "fwd" else 2)
 
 
 def derive(cells: list[Cell]) -> None:
     """Fills gbps, pct_copy, vs_eager and vs_compile from the cells of the same group/mode."""
-    ok = {(c.n, c.v, c.dtype, c.mode, c.impl): c for c in cells
+    ok = {(c.n, c.v, c.s, c.dtype, c.mode, c.impl): c for c in cells
           if c.status == "ok" and c.median_ms}
     for c in cells:
         if c.status != "ok" or not c.median_ms:
             continue
         c.gbps = _bytes(c) / (c.median_ms * 1e-3) / 1e9
-        key = (c.n, c.v, c.dtype)
+        key = (c.n, c.v, c.s, c.dtype)
         copy = ok.get((*key, "copy", "copy"))
         if copy is not None and c.mode != "copy":
             c.pct_copy = 100.0 * c.gbps / (_bytes(copy) / (copy.median_ms * 1e-3) / 1e9)
@@ -73,19 +73,20 @@ def print_tables(result: RunResult, meta: dict, file: TextIO = sys.stdout) -> No
     copies: dict[tuple, Cell] = {}
     for c in result.cells:
         if c.mode == "copy":
-            copies[(c.n, c.v, c.dtype)] = c
+            copies[(c.n, c.v, c.s, c.dtype)] = c
         else:
-            groups.setdefault((c.n, c.v, c.dtype, c.mode), []).append(c)
+            groups.setdefault((c.n, c.v, c.s, c.dtype, c.mode), []).append(c)
     head = (f"  {'impl':<20}{'median ms':>11}{'min ms':>10}{'vs eager':>10}{'vs compile':>12}"
             f"{'GB/s':>9}{'% copy':>8}{'peak MiB':>10}{'reps':>6}")
-    for (n, v, dtype, mode), rows in groups.items():
-        copy = copies.get((n, v, dtype))
+    for (n, v, sp, dtype, mode), rows in groups.items():
+        copy = copies.get((n, v, sp, dtype))
         if copy is not None and copy.status == "ok":
             copy_text = (f"copy {copy.median_ms:.3f} ms = {copy.gbps:.1f} GB/s, "
                          f"{copy.copies} input cop{'y' if copy.copies == 1 else 'ies'} rotated")
         else:
             copy_text = f"copy baseline failed: {copy.message if copy else 'missing'}"
-        p(f"\n{n}x{v} {dtype} {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}   ({copy_text})")
+        p(f"\n{shape_label(n, v, sp)} {dtype} {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}   "
+          f"({copy_text})")
         p(head)
         for c in rows:
             if c.status != "ok":

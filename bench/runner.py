@@ -51,6 +51,7 @@ class Cell:
     pct_copy: float | None = None
     vs_eager: float | None = None
     vs_compile: float | None = None
+    s: int = 1  # K-dim inputs: positions per sample (logits (n, v, s))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,8 +74,9 @@ def _make_inputs(g: Group, device: str, copies: int) -> tuple[list[Tensor], list
     xs, ts = [], []
     for i in range(copies):
         gen = torch.Generator(device=device).manual_seed(1000 + i)
-        xs.append(torch.randn(g.n, g.v, dtype=g.dtype, device=device, generator=gen))
-        ts.append(torch.randint(0, g.v, (g.n,), device=device, generator=gen))
+        spatial = (g.s,) if g.s > 1 else ()
+        xs.append(torch.randn(g.n, g.v, *spatial, dtype=g.dtype, device=device, generator=gen))
+        ts.append(torch.randint(0, g.v, (g.n, *spatial), device=device, generator=gen))
     return xs, ts
 
 
@@ -93,7 +95,7 @@ def _max_rel_diff(a: Tensor, b: Tensor) -> float:
 
 def _copy_cell(g: Group, xs: list[Tensor], device: str, budget: Budget) -> Cell:
     """out.copy_(x): the bandwidth a pass over the logits can hope for (read + write)."""
-    cell = Cell(g.n, g.v, g.dtype_name, "copy", "copy", copies=len(xs))
+    cell = Cell(g.n, g.v, g.dtype_name, "copy", "copy", copies=len(xs), s=g.s)
     try:
         outs = [torch.empty_like(x) for x in xs]
         outs[0].copy_(xs[0])
@@ -109,7 +111,7 @@ def _copy_cell(g: Group, xs: list[Tensor], device: str, budget: Budget) -> Cell:
 def _timed_cell(name: str, fn: LossFn, g: Group, mode: str, xs: list[Tensor],
                 ts: list[Tensor], ref: tuple[float, Tensor], device: str,
                 budget: Budget) -> Cell:
-    cell = Cell(g.n, g.v, g.dtype_name, mode, name, copies=len(xs))
+    cell = Cell(g.n, g.v, g.dtype_name, mode, name, copies=len(xs), s=g.s)
     need_grad = mode == "fwdbwd"
     for x in xs:
         x.grad = None
@@ -200,7 +202,8 @@ def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget
     except Exception as e:  # typically out of memory: every cell of the group reports it
         msg = _error_text(e)
         for impl, mode in [("copy", "copy")] + [(n, m) for m in modes for n in names]:
-            out.append(Cell(g.n, g.v, g.dtype_name, mode, impl, status="error", message=msg))
+            out.append(Cell(g.n, g.v, g.dtype_name, mode, impl, status="error", message=msg,
+                            s=g.s))
         bar.update(1 + len(modes) * len(names))
         return out
     out.append(_copy_cell(g, xs, device, budget))
@@ -217,7 +220,8 @@ def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget
             bar.set_postfix_str(f"{g.shape_label} {g.dtype_name} {mode} {name}")
             fn = fns[name]
             if isinstance(fn, str):
-                cell = Cell(g.n, g.v, g.dtype_name, mode, name, status="error", message=fn)
+                cell = Cell(g.n, g.v, g.dtype_name, mode, name, status="error", message=fn,
+                            s=g.s)
             else:
                 cell = _timed_cell(name, fn, g, mode, xs, ts, ref, device, budget)
                 if IMPLS[name].mutates_input:

@@ -228,3 +228,27 @@ def test_negative_logit_scale_every_path(cpu_isa, dtype, c):
     x[1, 3] = float("-inf")
     t = torch.tensor([0, 1, 2, 3, 4])
     _check(x, t, None, {"logit_scale": -1.5}, {}, "none")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inplace_backward_peak_memory_cuda():
+    n, c, hidden = 1024, 32768, 8  # 128 MiB of float32 logits from a small linear layer
+    nbytes = n * c * 4
+    t = torch.randint(0, c, (n,), device="cuda")
+    feats = torch.randn(n, hidden, device="cuda")
+    weight = torch.randn(hidden, c, device="cuda", requires_grad=True)
+
+    def run(inplace):
+        logits = feats @ weight
+        weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        xent_ext.cross_entropy(logits, t, inplace_backward=inplace).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    with_buffer = run(False)
+    in_place = run(True)
+    assert with_buffer > 0.8 * nbytes, with_buffer  # the separate gradient buffer shows up
+    assert in_place < 0.1 * nbytes, in_place  # logits + O(N) (+ the small weight gradient)

@@ -36,16 +36,27 @@ struct Cache {
     return nullptr;
   }
 
+  // Keeps the newest buffers: the oldest are freed first to make room, so buffers of shapes no
+  // longer in use do not crowd out the current one.
   void give_back(void* p, size_t bytes) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (cached + bytes <= limit) {
+      if (bytes > limit) {
+        evicted.push_back(p);
+      } else {
+        size_t drop = 0;
+        while (cached + bytes > limit) {
+          evicted.push_back(free_list[drop].second);
+          cached -= free_list[drop].first;
+          ++drop;
+        }
+        free_list.erase(free_list.begin(), free_list.begin() + drop);
         free_list.emplace_back(bytes, p);
         cached += bytes;
-        return;
       }
     }
-    std::free(p);
+    for (void* q : evicted) std::free(q);
   }
 
   int64_t release_all() {
