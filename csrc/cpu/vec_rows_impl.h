@@ -101,6 +101,17 @@ inline float scalar_exp(float x) {
 // Cephes degree-6 polynomial for exp(r).  Maximum error measured against exp in float64
 // over [-87.3, 88.3]: 2 ulp (tests/test_cpu_paths.py checks it).  Below -87.33 (where the
 // result would be subnormal) it returns 0; NaN stays NaN.
+// exp(r) for |r| <= ln2 / 2: the Cephes degree-6 polynomial.
+inline vf exp_poly(vf r) {
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.f;
+}
+
 #if defined(XENT_VEC_AVX512)
 // AVX-512: the same reduction and polynomial, with vrndscaleps for the rounding and vscalefps
 // for the 2^n scaling (which also overflows to inf correctly); lanes below the normal range
@@ -112,13 +123,7 @@ inline vf vexp(vf x) {
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf r = (vf)_mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), xv);
   r = (vf)_mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), (__m512)r);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
+  const vf p = exp_poly(r);
   return (vf)_mm512_maskz_scalef_ps(normal, (__m512)p, fn);
 }
 #else
@@ -133,13 +138,7 @@ inline vf vexp(vf x) {
   fn = fn - magic;
   vf r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
+  const vf p = exp_poly(r);
   const vu scale = ((vu)n + 127u) << 23;
   const vf res = p * as_f(scale);
   return underflow ? splat(0.f) : res;
