@@ -108,8 +108,13 @@ xent_cpu::Dtype vec_dtype<at::BFloat16>() {
   return xent_cpu::Dtype::bf16;
 }
 
+struct LaneBlocks;
+
+// What the vectorised drivers (one row at a time, rows across lanes, a row split across threads)
+// read from the call: float32 accumulation, contiguous rows of class-index targets.
 template <typename scalar_t>
-void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
+struct VecDriver {
+  ForwardArgs& a;
   const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
   const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
   const RowOptions& o = a.opt;
@@ -124,6 +129,15 @@ void index_rows_vec(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) 
   const bool smooth = o.label_smoothing > 0.0;
   float* loss_out = a.loss_rows.mutable_data_ptr<float>();
   float* lse_out = a.lse.mutable_data_ptr<float>();
+
+  explicit VecDriver(ForwardArgs& args) : a(args) {}
+  void rows(int64_t begin, int64_t end, BadTarget& bad);
+  void blocks(const LaneBlocks& lb, int64_t begin, int64_t end, BadTarget& bad);
+  void split(int64_t slices, BadTarget& bad);
+};
+
+template <typename scalar_t>
+void VecDriver<scalar_t>::rows(int64_t begin, int64_t end, BadTarget& bad) {
   // With a gradient to write and no softcap, the stats pass keeps its exps (in this task's
   // scratch, which stays in L2 for rows up to ~10^5 classes) and the gradient pass reuses them.
   const bool keep_exps = G != nullptr && !(o.softcap > 0.0);
@@ -203,21 +217,7 @@ struct LaneBlocks {
 };
 
 template <typename scalar_t>
-void index_blocks_lanes(ForwardArgs& a, const LaneBlocks& lb, int64_t begin, int64_t end,
-                        BadTarget& bad) {
-  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
-  const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
-  const RowOptions& o = a.opt;
-  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), static_cast<float>(o.softcap)};
-  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
-  const int64_t* T = a.target.const_data_ptr<int64_t>();
-  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
-  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
-  const float w_sum = total_of(w, lb.C);
-  const bool smooth = o.label_smoothing > 0.0;
-  float* loss_out = a.loss_rows.mutable_data_ptr<float>();
-  float* lse_out = a.lse.mutable_data_ptr<float>();
+void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t end, BadTarget& bad) {
   constexpr int kMaxW = 16;
   float ref[kMaxW], mx[kMaxW], sm[kMaxW], dot[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
   int32_t tgt[kMaxW];
@@ -272,17 +272,8 @@ void index_blocks_lanes(ForwardArgs& a, const LaneBlocks& lb, int64_t begin, int
 // Partial max / sum-exp per slice, a combine per row, then the gradient of each slice given the
 // row's log-sum-exp: the structure a vocabulary-parallel cross-entropy needs across devices.
 template <typename scalar_t>
-void index_rows_split(ForwardArgs& a, int64_t slices, BadTarget& bad) {
-  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
-  const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
-  const RowOptions& o = a.opt;
-  const int64_t rows = a.input.size(0), C = o.num_classes;
-  const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), 0.f};
-  const scalar_t* X = a.input.const_data_ptr<scalar_t>();
-  const int64_t* T = a.target.const_data_ptr<int64_t>();
-  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
-  scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
+void VecDriver<scalar_t>::split(int64_t slices, BadTarget& bad) {
+  const int64_t rows = a.input.size(0);  // no softcap here: the caller only splits without it
   // Slices are whole chunks, so the kept per-chunk maxima line up with the slices.
   const int64_t chunk = xent_cpu::kVecChunk;
   const int64_t len = ((C + slices - 1) / slices + chunk - 1) / chunk * chunk;
@@ -363,19 +354,19 @@ void forward_cpu_kernel(ForwardArgs& a) {
       at::kHalf, at::kBFloat16, a.input.scalar_type(), "xent_forward_cpu", [&] {
         if constexpr (!std::is_same_v<scalar_t, double>) {
           if (split > 1) {
-            index_rows_split<scalar_t>(a, split, bad);
+            VecDriver<scalar_t>(a).split(split, bad);
             return;
           }
           if (use_lanes) {
             const int64_t grain_blocks = std::max<int64_t>(1, grain / lb.W);
             at::parallel_for(0, lb.count(), grain_blocks, [&](int64_t begin, int64_t end) {
-              index_blocks_lanes<scalar_t>(a, lb, begin, end, bad);
+              VecDriver<scalar_t>(a).blocks(lb, begin, end, bad);
             });
             return;
           }
           if (vec_ok) {
             at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-              index_rows_vec<scalar_t>(a, begin, end, bad);
+              VecDriver<scalar_t>(a).rows(begin, end, bad);
             });
             return;
           }
