@@ -41,6 +41,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     double softcap, double z_loss, GradMode grad_mode, RowKernel kernel);
 
+// The two operators as a backend registers them, for its row kernel.  (The kernel guards its
+// device itself; the at:: operations before it follow their tensors' devices.)
+template <RowKernel kKernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
+    double softcap, double z_loss, bool compute_grad) {
+  return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
+                               logit_scale, softcap, z_loss,
+                               compute_grad ? GradMode::kNewBuffer : GradMode::kNone, kKernel);
+}
+
+template <RowKernel kKernel>
+std::tuple<at::Tensor, at::Tensor> forward_inplace_op(at::Tensor& input, const at::Tensor& target,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      int64_t reduction, int64_t ignore_index,
+                                                      double label_smoothing, double logit_scale,
+                                                      double softcap, double z_loss) {
+  auto [loss, lse, grad] =
+      cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing,
+                            logit_scale, softcap, z_loss, GradMode::kIntoInput, kKernel);
+  return {loss, lse};
+}
+
 // Multiplies grad (N, C, S) in place by scale (one value, or one per row (N, S)).  Rows whose
 // scale is exactly 1 are not touched: the common `loss.backward()` costs nothing.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale);

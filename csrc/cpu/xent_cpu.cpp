@@ -379,26 +379,6 @@ void forward_cpu_kernel(ForwardArgs& a) {
   TORCH_CHECK_INDEX(t == kNoBadTarget, "Target ", t, " is out of bounds.");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    double softcap, double z_loss, bool compute_grad) {
-  return cross_entropy_forward(
-      input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap, z_loss,
-      compute_grad ? GradMode::kNewBuffer : GradMode::kNone, &forward_cpu_kernel);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_inplace_cpu(at::Tensor& input, const at::Tensor& target,
-                                                       const std::optional<at::Tensor>& weight,
-                                                       int64_t reduction, int64_t ignore_index,
-                                                       double label_smoothing, double logit_scale,
-                                                       double softcap, double z_loss) {
-  auto [loss, lse, grad] = cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                                 label_smoothing, logit_scale, softcap, z_loss,
-                                                 GradMode::kIntoInput, &forward_cpu_kernel);
-  return {loss, lse};
-}
-
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
   check_scale_grad_args(grad, scale_);
   const int64_t N = grad.size(0), C = grad.size(1), S = grad.size(2);
@@ -429,7 +409,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
 }  // namespace xent
 
 TORCH_LIBRARY_IMPL(xent_ext, CPU, m) {
-  m.impl("cross_entropy_fwd", &xent::forward_cpu);
-  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_cpu);
+  m.impl("cross_entropy_fwd", &xent::forward_op<&xent::forward_cpu_kernel>);
+  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_op<&xent::forward_cpu_kernel>);
   m.impl("scale_grad_", &xent::scale_grad_cpu);
 }

@@ -73,28 +73,6 @@ void forward_cuda_kernel(ForwardArgs& a) {
   cuda::run_forward(a, dev, cuda::regime_from_name(std::getenv("XENT_CUDA_REGIME")), launch);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    double softcap, double z_loss, bool compute_grad) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return cross_entropy_forward(
-      input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap, z_loss,
-      compute_grad ? GradMode::kNewBuffer : GradMode::kNone, &forward_cuda_kernel);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_inplace_cuda(at::Tensor& input, const at::Tensor& target,
-                                                        const std::optional<at::Tensor>& weight,
-                                                        int64_t reduction, int64_t ignore_index,
-                                                        double label_smoothing, double logit_scale,
-                                                        double softcap, double z_loss) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  auto [loss, lse, grad] = cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                                 label_smoothing, logit_scale, softcap, z_loss,
-                                                 GradMode::kIntoInput, &forward_cuda_kernel);
-  return {loss, lse};
-}
-
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
   const c10::cuda::CUDAGuard guard(grad.device());
   CudaLauncher launch{c10::cuda::getCurrentCUDAStream()};
@@ -105,7 +83,7 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
 }  // namespace xent
 
 TORCH_LIBRARY_IMPL(xent_ext, CUDA, m) {
-  m.impl("cross_entropy_fwd", &xent::forward_cuda);
-  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_cuda);
+  m.impl("cross_entropy_fwd", &xent::forward_op<&xent::forward_cuda_kernel>);
+  m.impl("cross_entropy_fwd_inplace_", &xent::forward_inplace_op<&xent::forward_cuda_kernel>);
   m.impl("scale_grad_", &xent::scale_grad_cuda);
 }
