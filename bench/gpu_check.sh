@@ -3,11 +3,12 @@
 #
 #   1. device and toolchain information (nvidia-smi, torch, nvcc, compute-sanitizer, ncu)
 #   2. build the extension for this card's architecture only (setup.py build_ext --inplace)
-#   3. pytest: tests/test_cuda.py + tests/test_cuda_static.py, then the rest of tests/
-#   4. compute-sanitizer memcheck and racecheck on bench/sanitize_case.py (every regime)
+#   3. pytest: every test that touches CUDA (tests/test_cuda.py and the device="cuda" cases
+#      of the other files), in parallel workers when pytest-xdist is there
+#   4. compute-sanitizer memcheck on bench/sanitize_case.py (every regime)
 #   5. achieved bandwidth per regime against a device copy (bench/sanitize_case.py --profile)
-#   6. the GPU benchmark: python -m bench --device cuda (--quick when time is short)
-#   7. ncu counters of the hot kernels, if time is left
+#   6. the GPU benchmark: python -m bench --device cuda
+#   7. compute-sanitizer racecheck, the CPU tests under this torch, ncu counters: if time is left
 #
 # Every step runs under `timeout`, logs to OUTDIR/<step>.log, and a failed step does not stop
 # the next one.  A summary is printed (and written to OUTDIR/summary.txt) at the end; the exit
@@ -18,6 +19,9 @@
 #   PYTHON                 interpreter with torch (default: python, else python3)
 #   XENT_GPU_CHECK_BUDGET  seconds for the whole run (default 570)
 #   XENT_GPU_CHECK_QUICK=1 benchmark with --quick whatever the time left
+#   XENT_GPU_CHECK_STEPS   comma list of the steps to run (default: all of them)
+#   XENT_GPU_BENCH_SHAPES, XENT_GPU_BENCH_DTYPES, XENT_GPU_BENCH_IMPLS
+#                          passed to the bench as --shapes, --dtypes, --impls when set
 set -u
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -40,6 +44,9 @@ step() {
   local name=$1 cap=$2 min=$3
   shift 3
   local left t rc status began took
+  if [[ -n "${XENT_GPU_CHECK_STEPS:-}" && ",$XENT_GPU_CHECK_STEPS," != *",$name,"* ]]; then
+    return 0
+  fi
   left=$(remaining)
   t=$((cap < left - 10 ? cap : left - 10))
   if ((t < min)); then
@@ -124,40 +131,61 @@ step import 60 10 "$PY" -c "import xent_ext, torch; assert xent_ext.has_cuda(), 
 x = torch.randn(4, 1000, device='cuda', requires_grad=True); t = torch.randint(0, 1000, (4,), device='cuda'); \
 xent_ext.cross_entropy(x, t).backward(); torch.cuda.synchronize(); print('import and one call: ok')"
 
-# 3. Tests.
+# 3. Tests: everything that runs on the GPU.  test_cuda_static.py (disassembly, CPU
+# emulation) needs no GPU and runs in CI.  Several workers when pytest-xdist is importable.
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
-step tests_cuda 240 60 "${PYTEST[@]}" tests/test_cuda.py tests/test_cuda_static.py
-step tests_rest 150 30 "${PYTEST[@]}" tests --ignore=tests/test_cuda.py \
+XDIST=()
+if "$PY" -c "import xdist" >/dev/null 2>&1; then
+  XDIST=(-n "$(($(nproc) / 2 > 8 ? 8 : ($(nproc) / 2 > 1 ? $(nproc) / 2 : 1)))")
+fi
+OMP_NUM_THREADS=2 step tests_cuda 240 60 "${PYTEST[@]}" "${XDIST[@]}" tests -k cuda \
   --ignore=tests/test_cuda_static.py
 
-# 4. compute-sanitizer.
-if [[ -n "$SANITIZER" ]]; then
-  for tool in memcheck racecheck; do
-    step "sanitize_$tool" 150 40 "$SANITIZER" --tool "$tool" --error-exitcode 86 \
+# 4. compute-sanitizer memcheck (racecheck comes after the bench: it is the slower one).
+sanitize() {
+  if [[ -n "$SANITIZER" ]]; then
+    # Races are looked for in our kernels only (the float64 reference that sanitize_case.py
+    # computes runs PyTorch's own reductions).
+    local filter=()
+    [[ "$1" == racecheck ]] && filter=(--kernel-name kns=xent)
+    step "sanitize_$1" "$2" 40 "$SANITIZER" --tool "$1" "${filter[@]}" --error-exitcode 86 \
       --print-limit 20 "$PY" bench/sanitize_case.py
-  done
-else
-  SUMMARY+=("$(printf '%-9s %-20s %5s  %s' SKIPPED sanitize - 'compute-sanitizer not found')")
-fi
+  else
+    SUMMARY+=("$(printf '%-9s %-20s %5s  %s' SKIPPED "sanitize_$1" - 'no compute-sanitizer')")
+  fi
+}
+sanitize memcheck 150
 
 # 5. Bandwidth per regime.
 step bandwidth 90 30 "$PY" bench/sanitize_case.py --profile
 
 # 6. Benchmark (written by the bench package; only called here).
-if [[ -f bench/__main__.py ]]; then
-  BENCH_ARGS=(--device cuda)
-  HELP=$("$PY" -m bench --help 2>/dev/null || true)
-  [[ "$HELP" == *--out* ]] && BENCH_ARGS+=(--out "$OUT/bench")
-  [[ "$HELP" == *--no-progress* ]] && BENCH_ARGS+=(--no-progress)
-  if [[ "${XENT_GPU_CHECK_QUICK:-0}" == 1 || $(remaining) -lt 300 ]]; then
-    [[ "$HELP" == *--quick* ]] && BENCH_ARGS+=(--quick)
-  fi
-  step bench 300 45 "$PY" -m bench "${BENCH_ARGS[@]}"
-else
-  SUMMARY+=("$(printf '%-9s %-20s %5s  %s' SKIPPED bench - 'no bench package (bench/__main__.py)')")
+BENCH_ARGS=(--device cuda --out "$OUT/bench" --no-progress)
+[[ -n "${XENT_GPU_BENCH_SHAPES:-}" ]] && BENCH_ARGS+=(--shapes "$XENT_GPU_BENCH_SHAPES")
+[[ -n "${XENT_GPU_BENCH_DTYPES:-}" ]] && BENCH_ARGS+=(--dtypes "$XENT_GPU_BENCH_DTYPES")
+[[ -n "${XENT_GPU_BENCH_IMPLS:-}" ]] && BENCH_ARGS+=(--impls "$XENT_GPU_BENCH_IMPLS")
+if [[ "${XENT_GPU_CHECK_QUICK:-0}" == 1 || $(remaining) -lt 300 ]]; then
+  BENCH_ARGS+=(--quick)
 fi
+step bench 300 45 "$PY" -m bench "${BENCH_ARGS[@]}"
 
-# 7. ncu: DRAM throughput and occupancy of our kernels in the --profile shapes.
+# 7. If time is left: racecheck, an error raised from the CPU kernel (a bad target) in a plain
+# process, under cuda-gdb for a native backtrace if it crashes, the CPU tests under this
+# machine's torch, ncu counters of the hot kernels in the --profile shapes.
+sanitize racecheck 150
+CPU_ERROR='import torch, xent_ext
+try:
+    xent_ext.cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 2, 9]))
+    raise SystemExit("no error raised")
+except IndexError as e:
+    print("raised IndexError:", e)'
+step cpu_error 60 10 "$PY" -X faulthandler -c "$CPU_ERROR"
+if [[ "$(printf '%s\n' "${SUMMARY[@]}" | grep ' cpu_error ')" != PASS* ]]; then
+  GDB=$(find_tool cuda-gdb || true)
+  [[ -n "$GDB" ]] && SOFT=1 step cpu_error_gdb 90 20 "$GDB" -batch -ex run -ex bt \
+    --args "$PY" -c "$CPU_ERROR"
+fi
+OMP_NUM_THREADS=2 step tests_cpu 150 60 "${PYTEST[@]}" "${XDIST[@]}" tests -k "not cuda"
 if [[ -n "$NCU" ]]; then
   SOFT=1 step ncu 120 60 "$NCU" --kernel-name "regex:rows_kernel|split_" --launch-count 12 \
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers \

@@ -94,6 +94,16 @@ def _require_cuda(device: str, what: str) -> None:
         raise Unavailable(f"{what} runs on CUDA only")
 
 
+def _rows_only(what: str, fn: LossFn) -> LossFn:
+    """Peers that take (N, V) logits only: a K-dim input is a cell they cannot run."""
+    def call(x: Tensor, t: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise Unavailable(f"{what} takes (N, V) logits only")
+        return _loss_of(fn(x, t))
+
+    return call
+
+
 def _liger(device: str) -> LossFn:
     _require_cuda(device, "Liger-Kernel")
     try:
@@ -104,7 +114,7 @@ def _liger(device: str) -> LossFn:
         except ImportError as e:
             raise Unavailable(f"liger_kernel not importable ({e})") from e
         fn = LigerCrossEntropyLoss()
-    return lambda x, t: _loss_of(fn(x, t))
+    return _rows_only("Liger-Kernel", fn)
 
 
 def _quack(device: str) -> LossFn:
@@ -113,7 +123,7 @@ def _quack(device: str) -> LossFn:
         from quack.cross_entropy import cross_entropy as fn
     except ImportError as e:
         raise Unavailable(f"quack not importable ({e})") from e
-    return lambda x, t: _loss_of(fn(x, t))
+    return _rows_only("quack", fn)
 
 
 def _cce(device: str) -> LossFn:

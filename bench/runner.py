@@ -151,6 +151,8 @@ def _timed_cell(name: str, fn: LossFn, g: Group, mode: str, xs: list[Tensor],
                                                                  t.times_ms)
         xs[0].grad = None  # so the measured peak starts without a previous gradient
         cell.peak_bytes = peak_bytes(lambda: step(0), device)
+    except Unavailable as e:  # this implementation cannot take this input (a K-dim one)
+        cell.status, cell.message = "skipped", str(e)
     except Exception as e:
         cell.status, cell.message = "error", _error_text(e)
     finally:
@@ -191,6 +193,16 @@ def run(groups: list[Group], modes: list[str], names: list[str], device: str,
     return RunResult(cells, skipped)
 
 
+def _log(cell: Cell, bar: tqdm) -> None:
+    """Without a progress bar (logs, batch jobs), one line per finished cell, so a run cut
+    short still leaves its numbers behind."""
+    if not bar.disable:
+        return
+    shape = f"{cell.n}x{cell.v}" + (f"x{cell.s}" if cell.s > 1 else "")
+    what = f"{cell.median_ms:.4f} ms median" if cell.median_ms is not None else cell.message
+    print(f"{shape} {cell.dtype} {cell.mode} {cell.impl}: {cell.status}, {what}", flush=True)
+
+
 def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget: Budget,
                bar: tqdm) -> list[Cell]:
     out: list[Cell] = []
@@ -207,6 +219,7 @@ def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget
         bar.update(1 + len(modes) * len(names))
         return out
     out.append(_copy_cell(g, xs, device, budget))
+    _log(out[-1], bar)
     bar.update(1)
 
     fns: dict[str, LossFn | str] = {}
@@ -227,6 +240,7 @@ def _run_group(g: Group, modes: list[str], names: list[str], device: str, budget
                 if IMPLS[name].mutates_input:
                     xs, ts = _make_inputs(g, device, copies)
             out.append(cell)
+            _log(cell, bar)
             bar.update(1)
     del xs, ts, ref
     if device == "cuda":
