@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #if defined(XENT_CUDA_EMULATION)
 
@@ -29,6 +30,13 @@ inline T shfl_xor(T v, int lane_mask) {
   return ::xent_emu::shfl_xor(v, lane_mask);
 }
 inline void sync_warp() {}  // emulated threads run one at a time: memory is already ordered
+// The copy is done at once; waiting is then a no-op.
+inline void async_copy16(void* smem, const void* gmem) {
+  std::memcpy(smem, gmem, 16);
+}
+inline void async_wait_all() {}
+inline void async_commit() {}
+inline void async_wait_all_but_last() {}
 inline float fast_exp(float x) {
   return std::exp(x);
 }
@@ -62,6 +70,37 @@ __device__ __forceinline__ T shfl_xor(T v, int lane_mask) {
 // Orders the warp's earlier memory accesses before its later ones (shuffles do not).
 __device__ __forceinline__ void sync_warp() {
   __syncwarp();
+}
+// A 16-byte copy from global to shared memory that completes in the background (cp.async,
+// sm_80 and later; L2 only, the logits are read once): a thread can have its whole share of a
+// row in flight without holding it in registers.  async_wait_all() waits for every copy this
+// thread started; the kernels read back only the shared memory a thread copied itself, so no
+// barrier is needed.  Before sm_80, a plain load and store.
+__device__ __forceinline__ void async_copy16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+// Copies started since the last async_commit() form a group; async_wait_all_but_last() waits
+// for every group of this thread except the most recent one (double buffering: the next row's
+// copies stay in flight while the current row is used).
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void async_wait_all_but_last() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
 }
 // exp for the sweeps over a row: ex2.approx of x * log2(e) (__expf), two instructions.  Its
 // relative error is about 2^-22 plus |x| * 2^-24 from rounding the product: below 1e-6 for
