@@ -172,10 +172,18 @@ def cross_entropy(
     if inplace_backward and compute_grad:
         _check_inplace(input, x3)
         loss, lse = _ops.InplaceCrossEntropy.apply(x3, t3, weight, *options)
-    else:
+    elif torch.compiler.is_compiling():
         loss, lse, _ = _ops.fwd(x3, t3, weight, *options, compute_grad)
+    else:
+        loss, lse, _ = _ops.fwd_eager(x3, t3, weight, *options, compute_grad)
     if red == _ops._REDUCTION_NONE:
         loss = loss.reshape(row_shape)
+    elif (input.dim() == 1 and input.is_cuda and not prob and red == _ops._REDUCTION_MEAN
+          and label_smoothing == 0):
+        # One (C,) sample whose target is ignored: torch's CUDA kernel returns 0 there, its
+        # CPU kernel 0 / 0 = NaN (as for a batch whose targets are all ignored).  Follow the
+        # device; a select on the device, not a host-side test.
+        loss = torch.where(t3.reshape(()) == ignore_index, loss.new_zeros(()), loss)
     if not (return_z_loss or return_lse):
         return loss
     out = [loss]
