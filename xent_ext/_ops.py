@@ -130,6 +130,36 @@ torch.library.register_autograd("xent_ext::cross_entropy_fwd", _backward,
                                 setup_context=_setup_context)
 
 
+class CrossEntropy(torch.autograd.Function):
+    """cross_entropy_fwd with the same autograd as registered above, for eager calls.
+
+    The registered autograd (what torch.compile traces) goes through a generic wrapper that
+    rebuilds the schema's arguments in Python on every call, which costs more than the whole
+    forward of a small batch; this Function calls the kernel directly, below the autograd
+    dispatch key, and shares _setup_context and _backward with it."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def fwd_eager(*inputs):
+    """cross_entropy_fwd outside torch.compile: through CrossEntropy when a gradient may flow
+    back, else straight to the kernel."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in inputs[:3]):
+        return CrossEntropy.apply(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(*inputs)
+
+
 class InplaceCrossEntropy(torch.autograd.Function):
     """The forward writes the gradient over the logits (cross_entropy_fwd_inplace_); the
     backward scales that storage in place and hands it on.  Forward + backward then need no
