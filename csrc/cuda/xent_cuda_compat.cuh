@@ -37,6 +37,8 @@ inline void async_copy16(void* smem, const void* gmem) {
 inline void async_wait_all() {}
 inline void async_commit() {}
 inline void async_wait_all_but_last() {}
+template <int N>
+inline void async_wait_pending() {}
 inline float fast_exp(float x) {
   return std::exp(x);
 }
@@ -100,6 +102,13 @@ __device__ __forceinline__ void async_commit() {
 __device__ __forceinline__ void async_wait_all_but_last() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void async_wait_pending() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // exp for the sweeps over a row: ex2.approx of x * log2(e) (__expf), two instructions.  Its

@@ -435,17 +435,17 @@ XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pa
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
 
 // Adds items [begin, end) of this thread (see above) to its partial statistics, read from
-// global memory through registers with kUnroll 16-byte loads in flight.
-template <bool kProb, int VEC, typename T>
+// global memory through registers with U 16-byte loads in flight.
+template <bool kProb, int VEC, int U = kUnroll, typename T>
 XENT_DEV void sweep_partial(Partial<acc_t<T>>& part, const RowRef<T>& r, int begin, int end,
                             const KernelArgs<T>& k) {
   using P = Pack<T, VEC>;
   const int step = blockDim.x;
-  for (int base = begin + threadIdx.x; base < end; base += step * kUnroll) {
-    P xv[kUnroll];
-    P qv[kUnroll];
+  for (int base = begin + threadIdx.x; base < end; base += step * U) {
+    P xv[U];
+    P qv[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int item = base + u * step;
       if (item < end) {
         const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
@@ -454,7 +454,7 @@ XENT_DEV void sweep_partial(Partial<acc_t<T>>& part, const RowRef<T>& r, int beg
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int item = base + u * step;
       if (item < end) {
         const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
@@ -481,34 +481,18 @@ XENT_DEV Partial<acc_t<T>> slice_partial(const RowRef<T>& r, int begin, int end,
 // k.cache_items items kept in shared memory (xs, qs) for the gradient sweep.  Those items are
 // copied with async_copy16, straight into shared memory: a thread has every one of them in
 // flight at once, however many, at no register cost (register loads would allow kUnroll).
-// The rest of the row is swept from global memory while the copies land; then the cached
-// items are reduced from shared memory.
+// The copies go in kStages groups (a thread's items in order); the rest of the row is swept
+// from global memory while they land, then each group is reduced from shared memory as soon as
+// it is there, so the arithmetic on the first groups overlaps the copies of the last ones.
+constexpr int kStages = 4;
+
 template <bool kProb, int VEC, typename T>
-XENT_DEV Partial<acc_t<T>> row_partial_cached(const RowRef<T>& r, const KernelArgs<T>& k,
-                                              Pack<T, VEC>* xs, Pack<T, VEC>* qs) {
+XENT_DEV void push_cached(Partial<acc_t<T>>& part, const RowRef<T>& r, const KernelArgs<T>& k,
+                          const Pack<T, VEC>* xs, const Pack<T, VEC>* qs, int m0, int m1) {
   using P = Pack<T, VEC>;
-  const int cached = r.items < k.cache_items ? r.items : k.cache_items;
-#pragma unroll 4
-  for (int item = threadIdx.x; item < cached; item += blockDim.x) {
-    const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
-    bool copied = false;
-    if constexpr (sizeof(P) == 16) {
-      if (item_full<VEC>(sp)) {
-        async_copy16(&xs[item], r.x + sp.j0);
-        if (kProb) async_copy16(&qs[item], r.q + sp.j0);
-        copied = true;
-      }
-    }
-    if (!copied) {  // a partial first / last item, or elements narrower than 16 bytes
-      xs[item] = load_item<VEC>(r.x, sp);
-      if (kProb) qs[item] = load_item<VEC>(r.q, sp);
-    }
-  }
-  Partial<acc_t<T>> part = partial_empty<acc_t<T>>();
-  sweep_partial<kProb, VEC>(part, r, cached, r.items, k);
-  async_wait_all();
-#pragma unroll 4
-  for (int item = threadIdx.x; item < cached; item += blockDim.x) {
+#pragma unroll 1  // eight independent exps per item already; unrolling would spill
+  for (int m = m0; m < m1; ++m) {
+    const int item = threadIdx.x + m * blockDim.x;
     const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
     const P xv = xs[item];
     const P qv = kProb ? qs[item] : xv;
@@ -518,6 +502,52 @@ XENT_DEV Partial<acc_t<T>> row_partial_cached(const RowRef<T>& r, const KernelAr
       push_item<kProb, false>(part, r, sp, xv, qv, k);
     }
   }
+}
+
+// kRestUnroll: loads in flight per thread for the items past the cache (kUnroll where the plan
+// expects rows larger than shared memory, 1 elsewhere, where it saves registers).
+template <bool kProb, int VEC, int kRestUnroll, typename T>
+XENT_DEV Partial<acc_t<T>> row_partial_cached(const RowRef<T>& r, const KernelArgs<T>& k,
+                                              Pack<T, VEC>* xs, Pack<T, VEC>* qs) {
+  using P = Pack<T, VEC>;
+  static_assert(kStages == 4, "the waits below are written out for four groups");
+  const int cached = r.items < k.cache_items ? r.items : k.cache_items;
+  // This thread's cached items are threadIdx.x + m * blockDim.x, m < mine; group g holds
+  // m in [bound(g), bound(g + 1)).
+  const int mine = cached > static_cast<int>(threadIdx.x)
+                       ? (cached - 1 - static_cast<int>(threadIdx.x)) / blockDim.x + 1
+                       : 0;
+  const auto bound = [mine](int g) { return mine * g / kStages; };
+#pragma unroll
+  for (int g = 0; g < kStages; ++g) {
+    for (int m = bound(g); m < bound(g + 1); ++m) {
+      const int item = threadIdx.x + m * blockDim.x;
+      const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+      bool copied = false;
+      if constexpr (sizeof(P) == 16) {
+        if (item_full<VEC>(sp)) {
+          async_copy16(&xs[item], r.x + sp.j0);
+          if (kProb) async_copy16(&qs[item], r.q + sp.j0);
+          copied = true;
+        }
+      }
+      if (!copied) {  // a partial first / last item, or elements narrower than 16 bytes
+        xs[item] = load_item<VEC>(r.x, sp);
+        if (kProb) qs[item] = load_item<VEC>(r.q, sp);
+      }
+    }
+    async_commit();
+  }
+  Partial<acc_t<T>> part = partial_empty<acc_t<T>>();
+  sweep_partial<kProb, VEC, kRestUnroll>(part, r, cached, r.items, k);
+  async_wait_pending<kStages - 1>();
+  push_cached<kProb, VEC>(part, r, k, xs, qs, bound(0), bound(1));
+  async_wait_pending<kStages - 2>();
+  push_cached<kProb, VEC>(part, r, k, xs, qs, bound(1), bound(2));
+  async_wait_pending<kStages - 3>();
+  push_cached<kProb, VEC>(part, r, k, xs, qs, bound(2), bound(3));
+  async_wait_pending<0>();
+  push_cached<kProb, VEC>(part, r, k, xs, qs, bound(3), bound(4));
   return part;
 }
 
@@ -730,7 +760,8 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<T, kProb, kThreads
   P* qs = xs + k.cache_items;
   for (int64_t row = blockIdx.x; row < k.rows; row += gridDim.x) {
     const RowRef<T> r = make_row<VEC>(k, row, true);
-    const Partial<acc> part = block_reduce(row_partial_cached<kProb, VEC>(r, k, xs, qs));
+    const Partial<acc> part = block_reduce(
+        row_partial_cached<kProb, VEC, (kThreads > kBlockThreads ? kUnroll : 1)>(r, k, xs, qs));
     const RowResult<acc> res = finish_row<kProb>(part, r, k);
     if (threadIdx.x == 0) {
       k.loss[row] = res.loss;
@@ -1043,8 +1074,8 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   const int64_t budget = std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve);
   p.cache_items = std::min(items, budget / item_bytes);
   p.smem = p.cache_items * item_bytes;
-  if (p.vec > 1 && 2 * (p.smem + kStaticSmemReserve) > d.smem_per_sm) {
-    // One block per SM: give it more threads.
+  if (p.vec > 1 && (2 * (p.smem + kStaticSmemReserve) > d.smem_per_sm || p.cache_items < items)) {
+    // One block per SM, or a row that does not fit: more threads, more loads in flight.
     p.threads = static_cast<int>(std::min<int64_t>(kBlockBigThreads, std::max<int64_t>(64, want)));
   }
   const int64_t by_threads = std::max<int64_t>(1, 2048 / p.threads);
