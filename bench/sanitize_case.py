@@ -120,7 +120,7 @@ def sanitize_cases() -> bool:
     loss.backward(torch.arange(6, device=DEV, dtype=loss.dtype))
     # forced regimes on one shape
     x, t = x_(8, 20000), t_(8, 20000)
-    for regime in ("group", "block", "block_scalar", "split"):
+    for regime in ("group", "block", "block_scalar", "split", "strided"):
         with _regime(regime):
             ok &= _check(f"forced {regime}", x, t)
     torch.cuda.synchronize()
@@ -145,20 +145,31 @@ def _time(fn, reps=10):
 
 
 def profile_cases() -> bool:
+    """Loss alone and loss + gradient per regime (forced where it is not the automatic pick,
+    to compare candidates on one shape), against a copy of the same bytes."""
     g = torch.Generator(device=DEV).manual_seed(0)
-    shapes = [("group", 65536, 1000, torch.bfloat16), ("group", 65536, 256, torch.bfloat16),
-              ("block", 8192, 32000, torch.bfloat16), ("block", 4096, 128256, torch.bfloat16),
-              ("block", 8192, 32000, torch.float32), ("split", 4, 1 << 20, torch.bfloat16)]
+    bf16, f32 = torch.bfloat16, torch.float32
+    shapes = [("auto", 1048576, 10, bf16), ("strided", 1048576, 10, bf16),
+              ("auto", 262144, 100, bf16), ("strided", 262144, 100, bf16),
+              ("auto", 65536, 1000, bf16), ("block", 65536, 1000, bf16),
+              ("auto", 8192, 32000, bf16), ("auto", 8192, 32000, f32),
+              ("auto", 4096, 128256, bf16), ("auto", 512, 262144, bf16),
+              ("auto", 4, 1 << 20, bf16), ("block", 4, 1 << 20, bf16)]
+    print(f"{'regime':<8}{'dtype':<10}{'shape':>14}{'fwd ms':>9}{'GB/s':>7}{'fwd+bwd ms':>12}"
+          f"{'GB/s':>7}{'copy GB/s':>11}{'fwd+bwd/copy':>14}", flush=True)
     for regime, n, c, dtype in shapes:
         x = torch.randn((n, c), device=DEV, generator=g).to(dtype).requires_grad_(True)
         t = torch.randint(0, c, (n,), device=DEV, generator=g)
-        nbytes = 2 * x.numel() * x.element_size()
+        nbytes = x.numel() * x.element_size()
         y = torch.empty_like(x)
-        times = {"xent": _time(lambda x=x, t=t: _fwd_bwd(x, t)),
-                 "copy": _time(lambda x=x, y=y: y.copy_(x.detach()))}
-        print(f"{regime:<6} {str(dtype)[6:]:<9} {n}x{c}: fwd+bwd {times['xent'] * 1e3:.3f} ms "
-              f"= {nbytes / times['xent'] / 1e9:.0f} GB/s; copy {nbytes / times['copy'] / 1e9:.0f}"
-              f" GB/s; ratio {times['copy'] / times['xent']:.2f}", flush=True)
+        with _regime(regime):
+            with torch.no_grad():
+                t_fwd = _time(lambda x=x, t=t: xent_ext.cross_entropy(x, t))
+            t_both = _time(lambda x=x, t=t: _fwd_bwd(x, t))
+        t_copy = _time(lambda x=x, y=y: y.copy_(x.detach()))
+        print(f"{regime:<8}{str(dtype)[6:]:<10}{f'{n}x{c}':>14}{t_fwd * 1e3:>9.3f}"
+              f"{nbytes / t_fwd / 1e9:>7.0f}{t_both * 1e3:>12.3f}{2 * nbytes / t_both / 1e9:>7.0f}"
+              f"{2 * nbytes / t_copy / 1e9:>11.0f}{t_both / t_copy:>13.2f}x", flush=True)
     return True
 
 

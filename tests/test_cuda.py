@@ -2,7 +2,7 @@
 every kernel regime (csrc/cuda/xent_kernels.cuh) and option.  Skipped without a GPU; the CPU
 emulation of the same kernels runs everywhere (tests/test_cuda_static.py).
 
-XENT_CUDA_REGIME forces a regime (group, block, block_scalar, split); a regime that cannot run
+XENT_CUDA_REGIME forces a regime (group, block, block_scalar, split, strided); one that cannot run
 a shape falls back to the automatic choice, so every forced case is still checked.
 """
 
@@ -172,7 +172,8 @@ def test_probability_targets(shape, dtype):
         check(x, q, **kw)
 
 
-@pytest.mark.parametrize("regime", ["group", "block", "block_scalar", "split"], indirect=True)
+@pytest.mark.parametrize("regime", ["group", "block", "block_scalar", "split", "strided"],
+                         indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("c", [7, 300, 1000, 5000, 40001])
 def test_forced_regimes(regime, dtype, c):

@@ -293,6 +293,7 @@ SHAPES = [
     ("group32x4-many-rows", 90, 1000, 1, "auto", dict(H100, sms=1), ("group", "block")),
     ("block-many-rows", 40, 3001, 1, "auto", dict(H100, sms=1), ("block",)),
     ("kdim-transposed", 2, 600, 3, "auto", H100, ("group", "block")),
+    ("strided-rows", 5, 37, 1, "strided", H100, ("strided",)),  # forced on contiguous rows
     ("strided", 3, 7, 5, "auto", H100, ("strided",)),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

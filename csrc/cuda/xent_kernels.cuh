@@ -1003,7 +1003,8 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   Plan p;
   const int64_t sms = std::max(d.sms, 1);
   // In-row indices are 32-bit: rows of 2^30 classes or more take the strided kernel (64-bit).
-  if (S != 1 || C == 0 || C >= (int64_t(1) << 30)) {
+  // Forced, it also runs contiguous rows (one thread per row: a candidate for tiny C).
+  if (S != 1 || C == 0 || C >= (int64_t(1) << 30) || force == Regime::kStrided) {
     p.regime = Regime::kStrided;
     p.threads = kStridedThreads;
     p.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, p.threads), sms * 8 * 4));
@@ -1018,7 +1019,6 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
       vec_ok && rows <= 65535 && split_slices_want >= 2 && items_max >= 2 * kSplitMinSliceItems;
 
   Regime reg = force;
-  if (reg == Regime::kStrided) reg = Regime::kAuto;  // the strided kernel is for S > 1
   if ((reg == Regime::kGroup && !group_ok) || (reg == Regime::kSplit && !split_ok)) {
     reg = Regime::kAuto;
   }
