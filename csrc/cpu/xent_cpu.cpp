@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -376,7 +377,11 @@ void forward_cpu_kernel(ForwardArgs& a) {
         });
       });
   const int64_t t = bad.value.load();
-  TORCH_CHECK_INDEX(t == kNoBadTarget, "Target ", t, " is out of bounds.");
+  // The message is one ready std::string (std::to_string, no stream): one build (a custom GCC,
+  // Python's -Bsymbolic-functions link) crashed here while formatting the integer through a
+  // copy of std::ostream::_M_insert<long> it had emitted into this library.
+  TORCH_CHECK_INDEX(t == kNoBadTarget,
+                    std::string("Target ") + std::to_string(t) + " is out of bounds.");
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {
