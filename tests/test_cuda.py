@@ -112,12 +112,15 @@ def check(x, target, upstream="ones", **kw):
     return loss, grad
 
 
-# Shapes by regime.  Automatic choice on an H100 / A100: C up to 1024 (16-bit), 512 (float32),
-# 256 (float64) -> group; larger -> block; rows <= SMs / 2 and C >= 32768 -> split.
+# Shapes by regime.  Automatic choice on an H100 / A100: C up to 128 -> strided (one thread
+# per row); up to 1024 (16-bit), 512 (float32), 256 (float64) -> group; larger -> block;
+# rows <= SMs / 2 and C >= 32768 -> split.
 SHAPES = {
     "tiny": (64, 3),
     "tiny8": (50, 10),
     "small": (64, 100),
+    "strided-max": (300, 128),
+    "group-min": (33, 129),
     "small-odd": (37, 257),
     "group-max": (40, 1000),
     "medium": (24, 4096),

@@ -280,8 +280,9 @@ def _data(n, c, s, dtype, seed, offset=0):
 
 # (name, N, C, S, regime forced, device, regimes the plan may pick (by dtype))
 SHAPES = [
-    ("group8", 9, 10, 1, "auto", H100, ("group",)),
-    ("group32", 7, 100, 1, "auto", H100, ("group",)),
+    ("group8", 9, 10, 1, "group", H100, ("group",)),  # rows this short are strided unforced
+    ("group32", 7, 100, 1, "group", H100, ("group",)),
+    ("strided-short-rows", 9, 100, 1, "auto", H100, ("strided",)),
     ("group32x4", 5, 480, 1, "auto", H100, ("group", "block")),  # f32: 4 items per lane
     ("group32x4h", 5, 1000, 1, "auto", H100, ("group", "block")),  # 16-bit: 4 items per lane
     ("block", 5, 3001, 1, "auto", H100, ("block",)),
@@ -289,7 +290,7 @@ SHAPES = [
     ("split", 3, 20001, 1, "split", dict(H100, sms=8), ("split",)),
     # One SM: a few resident blocks walk many rows each (the group regime stages the next row
     # while working on the current one; the block regime reuses its cache row after row).
-    ("group8-many-rows", 300, 10, 1, "auto", dict(H100, sms=1), ("group",)),
+    ("group8-many-rows", 300, 10, 1, "group", dict(H100, sms=1), ("group",)),
     ("group32x4-many-rows", 90, 1000, 1, "auto", dict(H100, sms=1), ("group", "block")),
     ("block-many-rows", 40, 3001, 1, "auto", dict(H100, sms=1), ("block",)),
     ("kdim-transposed", 2, 600, 3, "auto", H100, ("group", "block")),
@@ -447,7 +448,9 @@ def test_emulated_out_of_range_target_asserts(emu, shape):
 
 
 @pytest.mark.parametrize("dtype, n, c, dev, plan_prefix", [
-    (torch.bfloat16, 4, 10, H100, "group vec=8 group=8 nv=1"),
+    (torch.bfloat16, 4, 10, H100, "strided"),
+    (torch.bfloat16, 4, 128, H100, "strided"),
+    (torch.bfloat16, 4, 129, H100, "group vec=8 group=32 nv=1"),
     (torch.float32, 4, 129, H100, "group vec=4 group=32 nv=2"),
     (torch.float32, 4, 480, H100, "group vec=4 group=32 nv=4"),
     (torch.bfloat16, 4, 1000, H100, "group vec=8 group=32 nv=4"),

@@ -5,10 +5,13 @@
 //
 // Regimes (plan_forward picks one from C, the dtype, the row count and the alignment):
 //
-//  * group:   small C.  G = 8 or 32 lanes per row, 256/G rows per block; each lane keeps its
-//             part of the row (up to 4 items of 16 bytes, plus the probability target) in
-//             registers, so x is read from global memory once.  Max and sum-exp are two passes
-//             over the registers, reduced with warp shuffles: no shared memory, no barrier.
+//  * group:   C from 129 up to 128 items (1024 16-bit, 512 float32 classes; G = 8 lanes for
+//             rows of at most 8 items when forced).  G = 32 lanes per row, 256/G rows per
+//             block, as many blocks as stay resident, each group walking many rows.  A group
+//             copies its next row into shared memory (cp.async, up to 4 items of 16 bytes per
+//             lane, plus the probability target) while it works on the current one; each lane
+//             reads back only what it copied.  Max and sum-exp are two passes over shared
+//             memory, reduced with warp shuffles: no barrier.
 //  * block:   medium and large C.  One block per row (grid-stride over rows).  Each thread
 //             starts asynchronous 16-byte copies (cp.async) of its items of the row into
 //             shared memory, all of them at once: the whole row is in flight, whatever the
@@ -29,9 +32,11 @@
 //             cross entropy would reuse (there the combine runs over shards).  With a gradient
 //             it reads the logits twice (three passes instead of two): worth it only while one
 //             block per row would leave most SMs idle.
-//  * strided: K-dim inputs (S > 1, classes strided by S) with C < 512, and C == 0.  One thread
-//             per (n, s) row running xent_row_strided.h, the very code of the CPU scalar path;
-//             neighbouring threads read neighbouring addresses.  K-dim inputs with more
+//  * strided: K-dim inputs (S > 1, classes strided by S) with C < 512, contiguous rows of at
+//             most 128 classes, and C == 0.  One thread per (n, s) row running
+//             xent_row_strided.h, the very code of the CPU scalar path; with S > 1 neighbouring
+//             threads read neighbouring addresses, with S == 1 a warp's rows are one contiguous
+//             span that its loads share through L1.  K-dim inputs with more
 //             classes are transposed to contiguous rows first (xent_cuda_forward.h).
 //
 // Alignment.  Rows are walked in "items" of VEC = 16 / sizeof(T) elements aligned to 16 bytes
@@ -987,6 +992,8 @@ struct Plan {
 // Thresholds of the regimes (see the file comment).
 constexpr int64_t kGroupMaxItems = 32 * 4;  // group regime up to 128 items (1024 bf16, 512 f32)
 constexpr int64_t kSplitMinClasses = 32768;
+constexpr int64_t kStridedMaxClasses = 128;        // contiguous rows: strided regime up to here
+constexpr int64_t kStridedForcedMaxClasses = 512;  // XENT_CUDA_REGIME=strided: up to here
 constexpr int64_t kSplitMinSliceItems = kSplitThreads * kUnroll;
 constexpr int64_t kStaticSmemReserve = 2048;  // block_reduce's scratch, with room to spare
 
@@ -1003,8 +1010,13 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   Plan p;
   const int64_t sms = std::max(d.sms, 1);
   // In-row indices are 32-bit: rows of 2^30 classes or more take the strided kernel (64-bit).
-  // Forced, it also runs contiguous rows (one thread per row: a candidate for tiny C).
-  if (S != 1 || C == 0 || C >= (int64_t(1) << 30) || force == Regime::kStrided) {
+  // It also runs short contiguous rows, one thread per row: on an H200 (bf16, 2026-11-27) it
+  // took a quarter of the group regime's time for the loss at C = 10 and a third at C = 100,
+  // where a group of lanes per row waits on each row's short chain of dependent steps.
+  bool strided = S != 1 || C == 0 || C >= (int64_t(1) << 30);
+  if (!strided && force == Regime::kStrided) strided = C < kStridedForcedMaxClasses;
+  if (!strided && force == Regime::kAuto) strided = C <= kStridedMaxClasses;
+  if (strided) {
     p.regime = Regime::kStrided;
     p.threads = kStridedThreads;
     p.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, p.threads), sms * 8 * 4));
@@ -1019,6 +1031,7 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
       vec_ok && rows <= 65535 && split_slices_want >= 2 && items_max >= 2 * kSplitMinSliceItems;
 
   Regime reg = force;
+  if (reg == Regime::kStrided) reg = Regime::kAuto;  // rows too long for one thread each
   if ((reg == Regime::kGroup && !group_ok) || (reg == Regime::kSplit && !split_ok)) {
     reg = Regime::kAuto;
   }
