@@ -92,6 +92,13 @@ XENT_DEV acc nan_max(acc a, acc b) {
   return (b > a || b != b) ? b : a;
 }
 
+// Maximum that drops NaN (one instruction, fmax): for the max of an item's elements, which are
+// all summed as exp(y - max) afterwards, so a NaN logit still poisons the row through its exp.
+template <typename acc>
+XENT_DEV acc elem_max(acc a, acc b) {
+  return fmax(a, b);
+}
+
 // Per-element transform and target coefficient with the per-call divisions done once (on the
 // host): the formulas of transform_logit / transform_slope / prob_coef in xent_row.h, with
 // logit_scale / softcap and eps / C precomputed (results may differ from them in the last bit).
@@ -336,13 +343,23 @@ XENT_DEV void target_sums(acc_t<T>& d0, acc_t<T>& d1, const RowRef<T>& r, const 
   }
 }
 
-// Transformed logits of an item; -inf outside the row.
+// Transformed logits of an item; -inf outside the row.  The softcap test is made once per item
+// (it is the same for every element of the call): per element it would cost a branch and a
+// convergence barrier around an inlined tanh, more than the rest of the element's work.
 template <bool kFull, int VEC, typename T>
 XENT_DEV void item_logits(acc_t<T> (&y)[VEC], const ItemSpan& sp, const Pack<T, VEC>& xv,
                           const KernelArgs<T>& k) {
+  using acc = acc_t<T>;
+  if (k.em.capped) {
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    y[e] = (kFull || (e >= sp.lo && e < sp.hi)) ? k.em.y(acc_t<T>(xv.v[e])) : neg_inf<acc_t<T>>();
+    for (int e = 0; e < VEC; ++e) {
+      y[e] = (kFull || (e >= sp.lo && e < sp.hi)) ? k.em.y(acc(xv.v[e])) : neg_inf<acc>();
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      y[e] = (kFull || (e >= sp.lo && e < sp.hi)) ? k.em.scale * acc(xv.v[e]) : neg_inf<acc>();
+    }
   }
 }
 
@@ -357,7 +374,7 @@ XENT_DEV void push_item(Partial<acc_t<T>>& part, const RowRef<T>& r, const ItemS
   target_sums<kProb, kFull>(part.d0, part.d1, r, sp, y, qv, k);
   acc pm = y[0];
 #pragma unroll
-  for (int e = 1; e < VEC; ++e) pm = nan_max(pm, y[e]);
+  for (int e = 1; e < VEC; ++e) pm = elem_max(pm, y[e]);
   // exp(-inf - pm) = 0 clears an empty sum; a NaN pm or max poisons the sum.
   if (pm > part.ms.max || pm != pm) {
     part.ms.sum *= fast_exp(part.ms.max - pm);
@@ -405,10 +422,12 @@ XENT_DEV RowResult<acc_t<T>> finish_row(const Partial<acc_t<T>>& part, const Row
 // Gradient of one item, computed in acc and rounded once:
 //   index targets:        (a p_j - b w_j - [j == t] hot) T'(x_j)
 //   probability targets:  (a p_j - s c_j) T'(x_j)
-template <bool kProb, bool kFull, int VEC, typename T>
-XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pack<T, VEC>& xv,
-                                const Pack<T, VEC>& qv, const RowResult<acc_t<T>>& res,
-                                const KernelArgs<T>& k) {
+// kCapped / kWeighted are the call's softcap and class weights, decided once per item by
+// grad_item (the same for every element).
+template <bool kProb, bool kFull, bool kCapped, bool kWeighted, int VEC, typename T>
+XENT_DEV Pack<T, VEC> grad_item_as(const RowRef<T>& r, const ItemSpan& sp, const Pack<T, VEC>& xv,
+                                   const Pack<T, VEC>& qv, const RowResult<acc_t<T>>& res,
+                                   const KernelArgs<T>& k) {
   using acc = acc_t<T>;
   Pack<T, VEC> gv;
 #pragma unroll
@@ -416,7 +435,7 @@ XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pa
     acc gj = acc(0);
     if (r.valid && (kFull || (e >= sp.lo && e < sp.hi))) {
       const int j = sp.j0 + e;
-      const acc wj = k.w != nullptr ? k.w[j] : acc(1);
+      const acc wj = kWeighted ? k.w[j] : acc(1);
       acc c;
       if (kProb) {
         c = res.gc.b * k.em.prob_c(acc(qv.v[e]), wj);
@@ -424,12 +443,29 @@ XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pa
         c = res.gc.b * wj + (j == r.t ? res.gc.hot : acc(0));
       }
       const acc xj = acc(xv.v[e]);
-      const acc p = fast_exp(k.em.y(xj) - res.lse);
-      gj = (res.gc.a * p - c) * k.em.slope(xj);
+      if (kCapped) {
+        const acc p = fast_exp(k.em.y(xj) - res.lse);
+        gj = (res.gc.a * p - c) * k.em.slope(xj);
+      } else {
+        const acc p = fast_exp(k.em.scale * xj - res.lse);
+        gj = (res.gc.a * p - c) * k.em.scale;
+      }
     }
     gv.v[e] = static_cast<T>(gj);
   }
   return gv;
+}
+
+template <bool kProb, bool kFull, int VEC, typename T>
+XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pack<T, VEC>& xv,
+                                const Pack<T, VEC>& qv, const RowResult<acc_t<T>>& res,
+                                const KernelArgs<T>& k) {
+  if (k.em.capped) {
+    return k.w != nullptr ? grad_item_as<kProb, kFull, true, true>(r, sp, xv, qv, res, k)
+                          : grad_item_as<kProb, kFull, true, false>(r, sp, xv, qv, res, k);
+  }
+  return k.w != nullptr ? grad_item_as<kProb, kFull, false, true>(r, sp, xv, qv, res, k)
+                        : grad_item_as<kProb, kFull, false, false>(r, sp, xv, qv, res, k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -701,7 +737,7 @@ __global__ void __launch_bounds__(kGroupThreads, group_min_blocks(sizeof(T), NV,
         target_sums<kProb, false>(d0, d1, r, sp, y, qv, k);
       }
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) m = nan_max(m, y[e]);
+      for (int e = 0; e < VEC; ++e) m = elem_max(m, y[e]);
     }
     m = group_max<G>(m);
     // Pass 2: sum of exp(y - m).  An all -inf row sums exp(-inf) = 0 and gets lse = -inf.
