@@ -36,7 +36,6 @@ inline void async_copy16(void* smem, const void* gmem) {
 }
 inline void async_wait_all() {}
 inline void async_commit() {}
-inline void async_wait_all_but_last() {}
 template <int N>
 inline void async_wait_pending() {}
 inline float fast_exp(float x) {
@@ -91,20 +90,14 @@ __device__ __forceinline__ void async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }
-// Copies started since the last async_commit() form a group; async_wait_all_but_last() waits
-// for every group of this thread except the most recent one (double buffering: the next row's
-// copies stay in flight while the current row is used).
+// Copies started since the last async_commit() form a group.
 __device__ __forceinline__ void async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void async_wait_all_but_last() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-#endif
-}
-// Waits until at most N of this thread's committed groups are still in flight.
+// Waits until at most N of this thread's committed groups are still in flight (N = 1 in double
+// buffering: the next row's copies stay in flight while the current row is used).
 template <int N>
 __device__ __forceinline__ void async_wait_pending() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

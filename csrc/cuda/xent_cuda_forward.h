@@ -47,7 +47,7 @@ Plan run_rows(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& la
         const bool vec_ok = (k.g == nullptr || offset16(k.g) == off) &&
                             (k.t_prob == nullptr || offset16(k.t_prob) == off);
         plan = plan_forward(k.rows, k.opt.num_classes, k.S, sizeof(scalar_t), vec_ok, a.prob_target,
-                            k.g != nullptr, dev, force);
+                            dev, force);
         k.cache_items = static_cast<int>(plan.cache_items);
         k.splits = static_cast<int>(plan.splits);
         k.slice_items = static_cast<int>(plan.slice_items);

@@ -715,7 +715,7 @@ __global__ void __launch_bounds__(kGroupThreads, group_min_blocks(sizeof(T), NV,
     const int64_t next = base + stride + sub;
     const RowRef<T> rn = make_row<VEC>(k, next, next < k.rows);
     stage_group_row<kProb, G, NV>(rn, lane, bufs + (cur ^ 1) * kBuf);
-    async_wait_all_but_last();  // this row's copies have landed (this lane's own items)
+    async_wait_pending<1>();  // this row's copies have landed (this lane's own items)
     const P* xs = bufs + cur * kBuf;
     const P* qs = xs + G * NV;
     const bool active = row < k.rows;
@@ -1038,11 +1038,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // rows: N * S; C: classes; elem: sizeof(T); vec_ok: x, grad and probability target share their
-// offset modulo 16 bytes; grad: the gradient is wanted (the plan does not depend on it now).
+// offset modulo 16 bytes.
 // `force` picks a regime for tests; one that cannot run the shape falls back to the automatic
 // choice.
 inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_ok, bool prob,
-                         bool grad, const DeviceProps& d, Regime force = Regime::kAuto) {
+                         const DeviceProps& d, Regime force = Regime::kAuto) {
   Plan p;
   const int64_t sms = std::max(d.sms, 1);
   // In-row indices are 32-bit: rows of 2^30 classes or more take the strided kernel (64-bit).
@@ -1119,7 +1119,6 @@ inline Plan plan_forward(int64_t rows, int64_t C, int64_t S, int elem, bool vec_
   const int64_t item_bytes = static_cast<int64_t>(p.vec) * elem * (prob ? 2 : 1);
   // The cache also serves the loss alone: copies into shared memory keep far more of the row
   // in flight than loads into registers.
-  (void)grad;
   const int64_t budget = std::max<int64_t>(0, d.smem_optin - kStaticSmemReserve);
   p.cache_items = std::min(items, budget / item_bytes);
   p.smem = p.cache_items * item_bytes;
