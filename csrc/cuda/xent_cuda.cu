@@ -2,7 +2,8 @@
 //
 // The kernels and the plan that picks one (group / block / split / strided regimes) live in
 // xent_kernels.cuh; xent_cuda_forward.h turns ForwardArgs into kernel arguments.  This file
-// launches them on the current stream.
+// launches them on the current stream; the row kernels themselves are compiled per dtype in
+// xent_kernels_<dtype>.cu (xent_cuda_launcher.h).
 //
 // XENT_CUDA_REGIME (environment, read at each call) forces a regime for tests and benchmarks:
 // group, block, block_scalar, split, strided (K-dim inputs stay strided, not transposed) or
@@ -22,6 +23,7 @@
 
 #include "../xent_forward.h"
 #include "xent_cuda_forward.h"
+#include "xent_cuda_launcher.h"
 #include "xent_kernels.cuh"
 
 namespace xent {
@@ -41,8 +43,9 @@ DeviceProps device_props(int device) {
   return d;
 }
 
-// Above 48 KiB a kernel must opt in to dynamic shared memory: a host-side attribute of the
-// kernel on the current device (no stream operation).  Set once per kernel, device and size.
+}  // namespace
+
+namespace cuda {
 void allow_dynamic_smem(const void* kernel, int64_t bytes) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, int64_t> allowed;
@@ -55,16 +58,11 @@ void allow_dynamic_smem(const void* kernel, int64_t bytes) {
                                       static_cast<int>(bytes)));
   have = bytes;
 }
+}  // namespace cuda
 
-struct CudaLauncher {
-  cudaStream_t stream;
-  template <typename Arg>
-  void operator()(void (*kernel)(Arg), dim3 grid, dim3 block, int64_t smem, const Arg& arg) {
-    if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, block, static_cast<size_t>(smem), stream>>>(arg);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
+namespace {
+
+using cuda::CudaLauncher;
 
 void forward_cuda_kernel(ForwardArgs& a) {
   const c10::cuda::CUDAGuard guard(a.input.device());

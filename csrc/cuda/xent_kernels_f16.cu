@@ -1,0 +1,8 @@
+// The row kernels for c10::Half inputs (see xent_cuda_launcher.h).
+#include "xent_cuda_launcher.h"
+
+namespace xent {
+namespace cuda {
+XENT_LAUNCH_PLANS(, c10::Half);
+}  // namespace cuda
+}  // namespace xent
