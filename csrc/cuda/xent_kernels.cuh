@@ -518,6 +518,23 @@ XENT_DEV Partial<acc_t<T>> slice_partial(const RowRef<T>& r, int begin, int end,
   return part;
 }
 
+// Starts the copy of item `item` of row r into xs[item] (and its probability targets into
+// qs[item]): async_copy16 for a full 16-byte item, a load and store at once for a row's
+// partial first / last item or elements narrower than 16 bytes.
+template <bool kProb, int VEC, typename T>
+XENT_DEV void stage_item(const RowRef<T>& r, int item, Pack<T, VEC>* xs, Pack<T, VEC>* qs) {
+  const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    if (item_full<VEC>(sp)) {
+      async_copy16(&xs[item], r.x + sp.j0);
+      if (kProb) async_copy16(&qs[item], r.q + sp.j0);
+      return;
+    }
+  }
+  xs[item] = load_item<VEC>(r.x, sp);
+  if (kProb) qs[item] = load_item<VEC>(r.q, sp);
+}
+
 // Block regime: this thread's partial statistics over the whole row, the row's first
 // k.cache_items items kept in shared memory (xs, qs) for the gradient sweep.  Those items are
 // copied with async_copy16, straight into shared memory: a thread has every one of them in
@@ -550,7 +567,6 @@ XENT_DEV void push_cached(Partial<acc_t<T>>& part, const RowRef<T>& r, const Ker
 template <bool kProb, int VEC, int kRestUnroll, typename T>
 XENT_DEV Partial<acc_t<T>> row_partial_cached(const RowRef<T>& r, const KernelArgs<T>& k,
                                               Pack<T, VEC>* xs, Pack<T, VEC>* qs) {
-  using P = Pack<T, VEC>;
   static_assert(kStages == 4, "the waits below are written out for four groups");
   const int cached = r.items < k.cache_items ? r.items : k.cache_items;
   // This thread's cached items are threadIdx.x + m * blockDim.x, m < mine; group g holds
@@ -562,20 +578,7 @@ XENT_DEV Partial<acc_t<T>> row_partial_cached(const RowRef<T>& r, const KernelAr
 #pragma unroll
   for (int g = 0; g < kStages; ++g) {
     for (int m = bound(g); m < bound(g + 1); ++m) {
-      const int item = threadIdx.x + m * blockDim.x;
-      const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
-      bool copied = false;
-      if constexpr (sizeof(P) == 16) {
-        if (item_full<VEC>(sp)) {
-          async_copy16(&xs[item], r.x + sp.j0);
-          if (kProb) async_copy16(&qs[item], r.q + sp.j0);
-          copied = true;
-        }
-      }
-      if (!copied) {  // a partial first / last item, or elements narrower than 16 bytes
-        xs[item] = load_item<VEC>(r.x, sp);
-        if (kProb) qs[item] = load_item<VEC>(r.q, sp);
-      }
+      stage_item<kProb>(r, threadIdx.x + m * blockDim.x, xs, qs);
     }
     async_commit();
   }
@@ -669,16 +672,7 @@ XENT_DEV void stage_group_row(const RowRef<T>& r, int lane, Pack<T, VEC>* xs) {
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int item = lane + i * G;
-    if (item < r.items) {
-      const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
-      if (item_full<VEC>(sp)) {
-        async_copy16(&xs[item], r.x + sp.j0);
-        if (kProb) async_copy16(&qs[item], r.q + sp.j0);
-      } else {
-        xs[item] = load_item<VEC>(r.x, sp);
-        if (kProb) qs[item] = load_item<VEC>(r.q, sp);
-      }
-    }
+    if (item < r.items) stage_item<kProb>(r, item, xs, qs);
   }
   async_commit();
 }
