@@ -11,6 +11,7 @@ torch into a throw-away environment and compile against it.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -55,8 +56,16 @@ def sources(pattern: str) -> list[str]:
 
 # The C++ standard is left to torch (C++17 or C++20, by version).
 cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+link_flags: list[str] = []
+# at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`: built
+# without -fopenmp, every CPU kernel would run on one thread whatever torch.get_num_threads()
+# says.  Linking it names libgomp.so.1, the soname of the copy torch has already loaded, so the
+# process keeps one OpenMP runtime and one thread pool.
+if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 srcs = sources("*.cpp") + sources("cpu/*.cpp")
-ext_kwargs: dict = {"extra_compile_args": {"cxx": cxx_flags}}
+ext_kwargs: dict = {"extra_compile_args": {"cxx": cxx_flags}, "extra_link_args": link_flags}
 
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -7,8 +7,11 @@
 //   its autograd formula.
 // cross_entropy_fwd_inplace_: the same, with the gradient written over the (contiguous) input.
 // scale_grad_: grad *= scale in place, skipping rows whose scale is exactly 1 (the backward).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <set>
 
 #include "cpu/buffer_cache.h"
 #include "cpu/cpu_isa.h"
@@ -44,6 +47,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return y;
       },
       "exp(x) computed by the CPU kernels' vector exp (for accuracy tests).");
+  m.def(
+      "_parallel_threads",
+      [](int64_t tasks) {
+        // One task per index, grain 1: each thread of the pool takes a share.  1 means this
+        // build's at::parallel_for is serial (e.g. compiled without OpenMP).
+        std::vector<int> who(tasks, -1);
+        at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) who[i] = at::get_thread_num();
+        });
+        return static_cast<int64_t>(std::set<int>(who.begin(), who.end()).size());
+      },
+      "Distinct threads at::parallel_for used for `tasks` tasks in this extension's code.");
   m.def("empty_cpu_cache", &xent_cpu::empty_cache,
         "Free the cached CPU gradient buffers; returns the bytes released.");
   m.def("has_cuda", []() {

@@ -2,6 +2,8 @@
 log(softmax) reference: every dtype, every reduction, odd and large class counts, ignore_index
 scattered or everywhere, and every vectorised CPU path."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,5 +183,17 @@ def test_few_long_rows_split_across_threads(cpu_isa, dtype, rows):
         for kw in ({}, {"weight": w, "label_smoothing": 0.1}):
             for reduction in REDUCTIONS:
                 assert_close_to_reference(x, t, reduction=reduction, upstream="random", **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP flags are set on Linux")
+def test_cpu_kernels_run_on_every_thread():
+    """The CPU kernels split rows with at::parallel_for, a header template: compiled without
+    OpenMP it silently runs on one thread.  Ask the extension's own code how many it used."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert xent_ext._C._parallel_threads(64) == 2
     finally:
         torch.set_num_threads(threads)
