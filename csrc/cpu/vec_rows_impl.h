@@ -28,6 +28,7 @@
 // also flags a false "maybe uninitialized" inside _mm512_cvtps_ph.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // a*b+c into one FMA where the target has it: the exp polynomial relies on it for speed.
 #pragma GCC optimize("fp-contract=fast")
 
@@ -109,7 +110,7 @@ inline vf exp_poly(vf r) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  return p * (r * r) + r + 1.f;
+  return (p * r + 1.f) * r + 1.f;  // 1 + r + r^2 P(r) in two FMAs
 }
 
 #if defined(XENT_VEC_AVX512)
@@ -157,6 +158,11 @@ inline vf vtanh(vf u) {
 
 // ----- float16 / bfloat16 <-> float32 -------------------------------------------------------
 inline vf h2f(vh h16) {
+#if defined(XENT_VEC_AVX512)
+  return (vf)_mm512_cvtph_ps((__m256i)h16);  // F16C: exact, subnormals, inf and NaN included
+#elif defined(XENT_VEC_AVX2)
+  return (vf)_mm256_cvtph_ps((__m128i)h16);
+#endif
   const vu h = __builtin_convertvector(h16, vu);
   const vu sign = (h & 0x8000u) << 16;
   const vu em = h & 0x7fffu;
@@ -198,7 +204,14 @@ inline vh f2h(vf f) {
 }
 
 inline vf bf2f(vh h) {
+#if defined(XENT_VEC_AVX512)
+  // One widening move: GCC splits __builtin_convertvector here into four instructions.
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+#elif defined(XENT_VEC_AVX2)
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
+#else
   return as_f(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 
 inline vh f2bf(vf f) {
@@ -286,16 +299,37 @@ inline vf load_w(const float* w, int64_t i, int64_t n_left) {
   return Io<Dtype::f32>::load(buf);
 }
 
-// -inf (masked entries, and the padding of ragged tails) stays -inf, as in xent_row.h.
-template <bool kCap>
+// What happens to a logit before the softmax, fixed per call so that the common case (no
+// scale, no softcap) costs no instruction per element.
+enum class Tf : int { plain, scaled, capped };
+
+template <Tf K>
+struct TfTag {
+  static constexpr Tf value = K;
+};
+
+// Calls f(TfTag<K>{}) with the K of t: one instantiation per kind of transform.
+template <typename F>
+inline auto with_tf(VecTransform t, F&& f) {
+  if (t.softcap > 0.f) return f(TfTag<Tf::capped>{});
+  if (t.scale != 1.f) return f(TfTag<Tf::scaled>{});
+  return f(TfTag<Tf::plain>{});
+}
+
+// -inf (masked entries, and the padding of ragged tails) stays -inf, as in xent_row.h (a
+// scale of 0 or below would turn it into NaN or +inf).
+template <Tf K>
 inline vf transform(vf x, VecTransform t) {
-  const vf y = kCap ? vtanh(x * (t.scale / t.softcap)) * t.softcap : x * t.scale;
+  if constexpr (K == Tf::plain) return x;
+  const vf y = K == Tf::capped ? vtanh(x * (t.scale / t.softcap)) * t.softcap : x * t.scale;
   return x == -__builtin_inff() ? x : y;
 }
 
-template <bool kCap>
+// T'(x), the factor the gradient of the transformed logit picks up.
+template <Tf K>
 inline vf slope(vf x, VecTransform t) {
-  if (!kCap) return splat(t.scale);
+  if constexpr (K == Tf::plain) return splat(1.f);
+  if constexpr (K == Tf::scaled) return splat(t.scale);
   const vf th = vtanh(x * (t.scale / t.softcap));
   const vf s = (1.f - th * th) * t.scale;
   return x == -__builtin_inff() ? splat(0.f) : s;
@@ -319,7 +353,7 @@ inline void store_tail_f32(float* p, vf v, int64_t left) {
 
 // kDot: also sum w_j (y_j - ref).  kKeep: also store exp(y_j - running max) and each chunk's
 // running max, so that the gradient pass needs no second exp (plain transform only).
-template <Dtype D, bool kCap, bool kDot, bool kKeep>
+template <Dtype D, Tf K, bool kDot, bool kKeep>
 RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, float ref,
                     RowKeep* keep) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
@@ -333,37 +367,41 @@ RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, f
     vf m0 = splat(ninf), m1 = splat(ninf);
     int64_t i = c0;
     for (; i + 2 * W <= c1; i += 2 * W) {
-      m0 = vmax(m0, transform<kCap>(Io<D>::load(x + i), t));
-      m1 = vmax(m1, transform<kCap>(Io<D>::load(x + i + W), t));
+      m0 = vmax(m0, transform<K>(Io<D>::load(x + i), t));
+      m1 = vmax(m1, transform<K>(Io<D>::load(x + i + W), t));
     }
-    for (; i < c1; i += W) m0 = vmax(m0, transform<kCap>(load_any<D>(x + i, c1 - i), t));
+    for (; i < c1; i += W) m0 = vmax(m0, transform<K>(load_any<D>(x + i, c1 - i), t));
     const float cmax = hmax(vmax(m0, m1));
     if (cmax > run_max) {
       run_sum = run_max == ninf ? 0.f : run_sum * scalar_exp(run_max - cmax);
       run_max = cmax;
     }
     if (kKeep) keep->chunk_max[chunk] = run_max;
-    // Sweep 2: exps against the updated running max (from L1).  A chunk whose running max is
-    // still -inf holds only -inf: its exps are 0 (and exp(-inf - -inf) would be NaN).
-    const bool live = run_max != ninf;
-    const vf mv = splat(run_max);
+    // Sweep 2: exps against the updated running max (from L1), two vectors per step into two
+    // sums.  A chunk whose running max is still -inf holds only -inf (or NaN): subtracting +inf
+    // gives exps of 0 (and keeps a NaN), where exp(-inf - -inf) would be NaN.
+    const vf mv = splat(run_max != ninf ? run_max : __builtin_inff());
     vf s0 = splat(0.f), s1 = splat(0.f);
-    for (i = c0; i + W <= c1; i += W) {
-      const vf y = transform<kCap>(Io<D>::load(x + i), t);
-      const vf e = live ? vexp(y - mv) : splat(0.f);
-      if (((i - c0) / W) & 1) {
-        s1 += e;
-      } else {
-        s0 += e;
-      }
-      if (kKeep) Io<Dtype::f32>::store(keep->e + i, e);
-      if (kDot) dot += load_w(w, i, W) * (y - ref);
+    auto step = [&](int64_t at, vf& acc) {
+      const vf y = transform<K>(Io<D>::load(x + at), t);
+      const vf e = vexp(y - mv);
+      acc += e;
+      if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
+      if (kDot) dot += load_w(w, at, W) * (y - ref);
+    };
+    for (i = c0; i + 2 * W <= c1; i += 2 * W) {
+      step(i, s0);
+      step(i + W, s1);
+    }
+    if (i + W <= c1) {
+      step(i, s0);
+      i += W;
     }
     if (i < c1) {
       const int64_t left = c1 - i;
-      const vf y = transform<kCap>(load_tail<D>(x + i, left), t);
-      const vf e = live ? vexp(y - mv) : splat(0.f);  // padded lanes are -inf: exp gives 0
-      s0 += e;
+      const vf y = transform<K>(load_tail<D>(x + i, left), t);
+      const vf e = vexp(y - mv);  // padded lanes are -inf: exp gives 0
+      s1 += e;
       if (kKeep) store_tail_f32(keep->e + i, e, left);
       if (kDot) {
         const vf d = load_w(w, i, left) * (y - ref);
@@ -376,7 +414,7 @@ RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, f
   return RowStats{run_max, run_sum, kDot ? hsum(dot) : 0.f};
 }
 
-template <Dtype D, bool kCap>
+template <Dtype D, Tf K>
 void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, float a, float b,
                const float* w) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
@@ -385,8 +423,8 @@ void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, f
   for (int64_t i = 0; i < n; i += W) {
     const int64_t left = n - i;
     const vf xi = load_any<D>(x + i, left);
-    vf gi = vexp(transform<kCap>(xi, t) - lv) * a - load_w(w, i, left) * b;
-    if (kCap || t.scale != 1.f) gi *= slope<kCap>(xi, t);
+    vf gi = vexp(transform<K>(xi, t) - lv) * a - load_w(w, i, left) * b;
+    if constexpr (K != Tf::plain) gi *= slope<K>(xi, t);
     if (left >= W) {
       Io<D>::store(g + i, gi);
     } else {
@@ -440,22 +478,22 @@ void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float
   }
 }
 
-template <Dtype D, bool kCap, bool kDot>
+template <Dtype D, Tf K, bool kDot>
 RowStats stats_keep(const void* x, int64_t n, VecTransform t, const float* w, float ref,
                     RowKeep* keep) {
-  if (!kCap && keep != nullptr) return stats_impl<D, kCap, kDot, true>(x, n, t, w, ref, keep);
-  return stats_impl<D, kCap, kDot, false>(x, n, t, w, ref, nullptr);
+  if (K != Tf::capped && keep != nullptr)
+    return stats_impl<D, K, kDot, true>(x, n, t, w, ref, keep);
+  return stats_impl<D, K, kDot, false>(x, n, t, w, ref, nullptr);
 }
 
 template <Dtype D>
 RowStats stats_dt(const void* x, int64_t n, VecTransform t, const float* w, bool want_dot,
                   float ref, RowKeep* keep) {
-  if (t.softcap > 0.f) {
-    return want_dot ? stats_keep<D, true, true>(x, n, t, w, ref, keep)
-                    : stats_keep<D, true, false>(x, n, t, w, ref, keep);
-  }
-  return want_dot ? stats_keep<D, false, true>(x, n, t, w, ref, keep)
-                  : stats_keep<D, false, false>(x, n, t, w, ref, keep);
+  return with_tf(t, [&](auto tf) {
+    constexpr Tf K = decltype(tf)::value;
+    return want_dot ? stats_keep<D, K, true>(x, n, t, w, ref, keep)
+                    : stats_keep<D, K, false>(x, n, t, w, ref, keep);
+  });
 }
 
 RowStats stats(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w, bool want_dot,
@@ -473,11 +511,7 @@ RowStats stats(const void* x, Dtype dt, int64_t n, VecTransform t, const float* 
 template <Dtype D>
 void grad_dt(const void* x, void* g, int64_t n, VecTransform t, float lse, float a, float b,
              const float* w) {
-  if (t.softcap > 0.f) {
-    grad_impl<D, true>(x, g, n, t, lse, a, b, w);
-  } else {
-    grad_impl<D, false>(x, g, n, t, lse, a, b, w);
-  }
+  with_tf(t, [&](auto tf) { grad_impl<D, decltype(tf)::value>(x, g, n, t, lse, a, b, w); });
 }
 
 void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a, float b,
@@ -515,7 +549,7 @@ inline vf load_lanes(const LaneBlock& b, int64_t j) {
 
 // Row-major blocks (consecutive short rows): each row is read once with vector loads and its
 // transformed logits are transposed into y[j * W + l], so every later sweep is a vector load.
-template <Dtype D, bool kCap>
+template <Dtype D, Tf K>
 void transpose_rows(const LaneBlock& b, VecTransform t, float* y) {
   const auto* x = static_cast<const typename Io<D>::elem*>(b.x);
   const int64_t C = b.num_classes;
@@ -525,7 +559,7 @@ void transpose_rows(const LaneBlock& b, VecTransform t, float* y) {
       continue;
     }
     for (int64_t j0 = 0; j0 < C; j0 += W) {
-      const vf v = transform<kCap>(load_any<D>(x + l * b.lane_stride + j0, C - j0), t);
+      const vf v = transform<K>(load_any<D>(x + l * b.lane_stride + j0, C - j0), t);
       const int64_t n = C - j0 < W ? C - j0 : W;
       for (int64_t i = 0; i < n; ++i) y[(j0 + i) * W + l] = v[i];
     }
@@ -546,25 +580,25 @@ inline vf load_f32(const float* p) {
 }
 
 // Transformed logits of class j for every lane: from the transposed copy when there is one.
-template <Dtype D, bool kCap>
+template <Dtype D, Tf K>
 inline vf lanes_y(const LaneBlock& b, int64_t j, VecTransform t, const float* ybuf) {
-  return ybuf ? load_f32(ybuf + j * W) : transform<kCap>(load_lanes<D>(b, j), t);
+  return ybuf ? load_f32(ybuf + j * W) : transform<K>(load_lanes<D>(b, j), t);
 }
 
-template <Dtype D, bool kCap>
+template <Dtype D, Tf K>
 void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool want_dot,
                       float* ybuf, float* ref_out, float* max_out, float* sum_out, float* dot_out) {
   const int64_t C = b.num_classes;
-  if (ybuf != nullptr) transpose_rows<D, kCap>(b, t, ybuf);
-  const vf rv = lanes_y<D, kCap>(b, 0, t, ybuf);
+  if (ybuf != nullptr) transpose_rows<D, K>(b, t, ybuf);
+  const vf rv = lanes_y<D, K>(b, 0, t, ybuf);
   vf m = rv;
-  for (int64_t j = 1; j < C; ++j) m = vmax(m, lanes_y<D, kCap>(b, j, t, ybuf));
+  for (int64_t j = 1; j < C; ++j) m = vmax(m, lanes_y<D, K>(b, j, t, ybuf));
   // Lanes whose max is -inf (all masked, or absent) add nothing; exp(-inf - -inf) is NaN.
   const vi live = m != -__builtin_inff();
   const vf mv = live ? m : splat(0.f);
   vf sum = splat(0.f), dot = splat(0.f);
   for (int64_t j = 0; j < C; ++j) {
-    const vf y = lanes_y<D, kCap>(b, j, t, ybuf);
+    const vf y = lanes_y<D, K>(b, j, t, ybuf);
     sum += vexp(y - mv);
     if (want_dot) dot += (w ? w[j] : 1.f) * (y - rv);
   }
@@ -574,7 +608,7 @@ void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool w
   Io<Dtype::f32>::store(dot_out, dot);
 }
 
-template <Dtype D, bool kCap>
+template <Dtype D, Tf K>
 void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
                      const float* lse, const float* a, const float* bw, const float* hot,
                      const int32_t* target) {
@@ -588,14 +622,15 @@ void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const f
       // T'(x) from y: scale, or scale * (1 - tanh^2) with tanh = y / softcap.
       y = load_f32(ybuf + j * W);
       const vf th = y * (1.f / t.softcap);
-      d = kCap ? (y == -__builtin_inff() ? splat(0.f) : (1.f - th * th) * t.scale) : splat(t.scale);
+      d = K == Tf::capped ? (y == -__builtin_inff() ? splat(0.f) : (1.f - th * th) * t.scale)
+                          : splat(t.scale);
     } else {
       const vf xj = load_lanes<D>(b, j);
-      y = transform<kCap>(xj, t);
-      d = slope<kCap>(xj, t);
+      y = transform<K>(xj, t);
+      d = slope<K>(xj, t);
     }
     vf g = vexp(y - lv) * av - bv * (w ? w[j] : 1.f) - onehot;
-    if (kCap || t.scale != 1.f) g *= d;
+    if constexpr (K != Tf::plain) g *= d;
     store_lanes<D>(b, j, g);
   }
 }
@@ -603,11 +638,9 @@ void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const f
 template <Dtype D>
 void lanes_stats_dt(const LaneBlock& b, VecTransform t, const float* w, bool want_dot, float* ybuf,
                     float* ref, float* mx, float* sm, float* dot) {
-  if (t.softcap > 0.f) {
-    lanes_stats_impl<D, true>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
-  } else {
-    lanes_stats_impl<D, false>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
-  }
+  with_tf(t, [&](auto tf) {
+    lanes_stats_impl<D, decltype(tf)::value>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+  });
 }
 
 void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
@@ -626,11 +659,9 @@ template <Dtype D>
 void lanes_grad_dt(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
                    const float* lse, const float* a, const float* bw, const float* hot,
                    const int32_t* target) {
-  if (t.softcap > 0.f) {
-    lanes_grad_impl<D, true>(b, t, w, ybuf, lse, a, bw, hot, target);
-  } else {
-    lanes_grad_impl<D, false>(b, t, w, ybuf, lse, a, bw, hot, target);
-  }
+  with_tf(t, [&](auto tf) {
+    lanes_grad_impl<D, decltype(tf)::value>(b, t, w, ybuf, lse, a, bw, hot, target);
+  });
 }
 
 void lanes_grad(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, const float* ybuf,
