@@ -390,6 +390,11 @@ RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, f
       if (kDot) dot += load_w(w, at, W) * (y - ref);
     };
     for (i = c0; i + 2 * W <= c1; i += 2 * W) {
+      // Ask for the next chunk while this one computes: the max sweep that starts it would
+      // otherwise wait on memory with nothing else to do (prefetches past the row are harmless).
+      constexpr int64_t kStepBytes = 2 * W * sizeof(typename Io<D>::elem);
+      __builtin_prefetch(x + i + kVecChunk);
+      if (kStepBytes > 64) __builtin_prefetch(x + i + W + kVecChunk);
       step(i, s0);
       step(i + W, s1);
     }
