@@ -35,18 +35,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &xent_cpu::set_isa,
         "Force the CPU kernels to an instruction set the CPU supports ('auto' to detect); "
         "returns the one now in use.");
+  // The CPU kernels' own vector math, exposed for accuracy tests.
+  auto vec_math = [](const at::Tensor& x, void (*f)(const float*, float*, int64_t)) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "expects a float32 CPU tensor");
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc);
+    f(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), xc.numel());
+    return y;
+  };
   m.def(
-      "_vec_exp",
-      [](const at::Tensor& x) {
-        TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
-                    "_vec_exp: expects a float32 CPU tensor");
-        const at::Tensor xc = x.contiguous();
-        at::Tensor y = at::empty_like(xc);
-        xent_cpu::active_kernels().exp(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
-                                       xc.numel());
-        return y;
-      },
+      "_vec_exp", [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().exp); },
       "exp(x) computed by the CPU kernels' vector exp (for accuracy tests).");
+  m.def(
+      "_vec_log", [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().log); },
+      "log(x) computed by the CPU kernels' vector log (for accuracy tests).");
   m.def(
       "_parallel_threads",
       [](int64_t tasks) {

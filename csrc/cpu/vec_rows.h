@@ -64,17 +64,19 @@ struct VecKernels {
   // the caller must issue a store fence (_mm_sfence) before the data is used.
   void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse,
                     float a, float b, const float* w, int64_t target, float hot, bool stream);
-  // Per lane (arrays of `width`): ref = y of class 0, max, sum-exp and (want_dot)
+  // Per lane (arrays of `width`): ref = y of class 0, the log-sum-exp and (want_dot)
   // sum_j w_j (y_j - ref).  With ybuf (C * width floats, for row-major blocks), the block's
   // transformed logits are transposed into it once, and lanes_grad reads them back.
   void (*lanes_stats)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
-                      float* ybuf, float* ref, float* max, float* sum, float* dot);
+                      float* ybuf, float* ref, float* lse, float* dot);
   // g(l, j) = (a[l] exp(y - lse[l]) - b[l] w_j - [j == target[l]] hot[l]) T'(x), rounded once.
   void (*lanes_grad)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
                      const float* ybuf, const float* lse, const float* a, const float* bw,
                      const float* hot, const int32_t* target);
   // y = exp(x) with the kernels' own vector exp (exposed so its accuracy can be tested).
   void (*exp)(const float* x, float* y, int64_t n);
+  // y = log(x) with the kernels' own vector log (positive normal x; for accuracy tests).
+  void (*log)(const float* x, float* y, int64_t n);
 };
 
 // Each returns nullptr when the build or the platform has no such path.

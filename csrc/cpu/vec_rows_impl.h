@@ -146,6 +146,33 @@ inline vf vexp(vf x) {
 }
 #endif
 
+// log(x) for positive normal float32 lanes: x = 2^e m with m in [sqrt(1/2), sqrt(2)), and the
+// Cephes polynomial for log(1 + f), f = m - 1.  Maximum error against log in float64 over the
+// positive normal range: 1 ulp (tests/test_extreme.py checks it).  NaN stays NaN; +inf, 0 and
+// subnormals give finite values: the kernels only pass sums of exps, which are >= 1 in a live
+// row (its max contributes exp(0)) and whose lse is -inf anyway when they are 0.
+inline vf vlog(vf x) {
+  const vu bits = as_u(x);
+  vi e = (vi)(bits >> 23) - 127;
+  vf m = as_f((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const vi big = m > 1.41421356f;                   // lanes are -1 where true
+  m = big ? m * 0.5f : m;
+  e -= big;
+  const vf f = m - 1.f, z = f * f;
+  const vf ef = __builtin_convertvector(e, vf);
+  vf y = splat(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z + ef * -2.12194440e-4f - 0.5f * z;
+  return (f + y + ef * 0.693359375f) + (x - x);  // x - x: 0, or NaN for NaN
+}
+
 // tanh(u) = 1 - 2 / (exp(2u) + 1), odd-symmetric form for accuracy near 0 is not needed at
 // the tolerances of a softcapped loss; the sign is restored from u.
 inline vf vtanh(vf u) {
@@ -592,7 +619,7 @@ inline vf lanes_y(const LaneBlock& b, int64_t j, VecTransform t, const float* yb
 
 template <Dtype D, Tf K>
 void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool want_dot,
-                      float* ybuf, float* ref_out, float* max_out, float* sum_out, float* dot_out) {
+                      float* ybuf, float* ref_out, float* lse_out, float* dot_out) {
   const int64_t C = b.num_classes;
   if (ybuf != nullptr) transpose_rows<D, K>(b, t, ybuf);
   const vf rv = lanes_y<D, K>(b, 0, t, ybuf);
@@ -608,8 +635,8 @@ void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool w
     if (want_dot) dot += (w ? w[j] : 1.f) * (y - rv);
   }
   Io<Dtype::f32>::store(ref_out, rv);
-  Io<Dtype::f32>::store(max_out, m);
-  Io<Dtype::f32>::store(sum_out, live ? sum : splat(0.f));
+  // An all -inf lane has lse -inf (m); a NaN logit reaches lse through the sum.
+  Io<Dtype::f32>::store(lse_out, live ? m + vlog(sum) : m);
   Io<Dtype::f32>::store(dot_out, dot);
 }
 
@@ -642,21 +669,21 @@ void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const f
 
 template <Dtype D>
 void lanes_stats_dt(const LaneBlock& b, VecTransform t, const float* w, bool want_dot, float* ybuf,
-                    float* ref, float* mx, float* sm, float* dot) {
+                    float* ref, float* lse, float* dot) {
   with_tf(t, [&](auto tf) {
-    lanes_stats_impl<D, decltype(tf)::value>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+    lanes_stats_impl<D, decltype(tf)::value>(b, t, w, want_dot, ybuf, ref, lse, dot);
   });
 }
 
 void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
-                 float* ybuf, float* ref, float* mx, float* sm, float* dot) {
+                 float* ybuf, float* ref, float* lse, float* dot) {
   switch (dt) {
     case Dtype::f16:
-      return lanes_stats_dt<Dtype::f16>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+      return lanes_stats_dt<Dtype::f16>(b, t, w, want_dot, ybuf, ref, lse, dot);
     case Dtype::bf16:
-      return lanes_stats_dt<Dtype::bf16>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+      return lanes_stats_dt<Dtype::bf16>(b, t, w, want_dot, ybuf, ref, lse, dot);
     default:
-      return lanes_stats_dt<Dtype::f32>(b, t, w, want_dot, ybuf, ref, mx, sm, dot);
+      return lanes_stats_dt<Dtype::f32>(b, t, w, want_dot, ybuf, ref, lse, dot);
   }
 }
 
@@ -682,13 +709,14 @@ void lanes_grad(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, co
   }
 }
 
-void exp_rows(const float* x, float* y, int64_t n) {
+template <vf (*F)(vf)>
+void map_rows(const float* x, float* y, int64_t n) {
   int64_t i = 0;
-  for (; i + W <= n; i += W) Io<Dtype::f32>::store(y + i, vexp(Io<Dtype::f32>::load(x + i)));
+  for (; i + W <= n; i += W) Io<Dtype::f32>::store(y + i, F(Io<Dtype::f32>::load(x + i)));
   for (; i < n; ++i) {
     float buf[W] = {};
     buf[0] = x[i];
-    y[i] = vexp(Io<Dtype::f32>::load(buf))[0];
+    y[i] = F(Io<Dtype::f32>::load(buf))[0];
   }
 }
 
@@ -696,8 +724,9 @@ void exp_rows(const float* x, float* y, int64_t n) {
 
 #define XENT_STR2(x) #x
 #define XENT_STR(x) XENT_STR2(x)
-const VecKernels table = {XENT_STR(XENT_ISA_NS), W,           &stats,   &grad, &grad_kept,
-                          &lanes_stats,          &lanes_grad, &exp_rows};
+const VecKernels table = {
+    XENT_STR(XENT_ISA_NS), W,           &stats,          &grad,          &grad_kept,
+    &lanes_stats,          &lanes_grad, &map_rows<vexp>, &map_rows<vlog>};
 
 }  // namespace XENT_ISA_NS
 }  // namespace xent_cpu

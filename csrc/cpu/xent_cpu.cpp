@@ -220,7 +220,7 @@ struct LaneBlocks {
 template <typename scalar_t>
 void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t end, BadTarget& bad) {
   constexpr int kMaxW = 16;
-  float ref[kMaxW], mx[kMaxW], sm[kMaxW], dot[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
+  float ref[kMaxW], dot[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
   int32_t tgt[kMaxW];
   bool valid[kMaxW];
   // Row-major blocks keep their transposed logits here between the two kernels.
@@ -233,13 +233,15 @@ void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t en
     auto at = [&](int64_t l, int64_t j) { return float(x[l * ls + j * cs]); };
     const xent_cpu::LaneBlock b{x, G ? G + offset : nullptr, lanes, lb.C, ls, cs};
     float* yb = ybuf.empty() ? nullptr : ybuf.data();
-    k.lanes_stats(b, dt, tr, w, smooth, yb, ref, mx, sm, dot);
+    k.lanes_stats(b, dt, tr, w, smooth, yb, ref, lse, dot);
     for (int l = 0; l < kMaxW; ++l) {
       ca[l] = cb[l] = hot[l] = 0.f;
-      lse[l] = 0.f;
       tgt[l] = -1;
       valid[l] = false;
-      if (l >= lanes) continue;
+      if (l >= lanes) {
+        lse[l] = 0.f;  // absent lanes: finite, so the gradient kernel computes no NaN there
+        continue;
+      }
       const int64_t r = row0 + l;  // the rows of a block are consecutive
       const int64_t t = T[r];
       valid[l] = target_is_valid(t, o, bad);
@@ -247,7 +249,6 @@ void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t en
       ir.ref = ref[l];
       ir.w_sum = w_sum;
       ir.dot_ref = dot[l];
-      lse[l] = ms_lse(MaxSum<float>{mx[l], sm[l]});
       if (valid[l]) {
         ir.w_t = w ? w[t] : 1.f;
         ir.y_t = transform_logit(at(l, t), o);
