@@ -98,7 +98,8 @@ def _copy_cell(g: Group, xs: list[Tensor], device: str, budget: Budget) -> Cell:
     cell = Cell(g.n, g.v, g.dtype_name, "copy", "copy", copies=len(xs), s=g.s)
     try:
         outs = [torch.empty_like(x) for x in xs]
-        outs[0].copy_(xs[0])
+        for out, x in zip(outs, xs, strict=True):  # touched once: the reps time the copy, not
+            out.copy_(x)  # the page faults of fresh memory
         sync(device)
         t = measure(lambda i: outs[i].copy_(xs[i]), len(xs), device, budget)
         cell.median_ms, cell.min_ms, cell.reps, cell.times_ms = (t.median_ms, t.min_ms, t.reps,
@@ -119,7 +120,11 @@ def _timed_cell(name: str, fn: LossFn, g: Group, mode: str, xs: list[Tensor],
 
     def step(i: int) -> None:
         if need_grad:
-            xs[i].grad = None  # a fresh gradient each rep, as in training (no accumulation)
+            # A fresh gradient each rep, as in training (no accumulation), and only one alive
+            # at a time: the previous rep's is released first, so its memory can be reused as
+            # a training step reuses the last step's (else every rep pays for fresh pages).
+            xs[(i - 1) % len(xs)].grad = None
+            xs[i].grad = None
             fn(xs[i], ts[i]).backward()
         else:
             fn(xs[i], ts[i])

@@ -11,6 +11,7 @@ CPU cache), within a share of free memory.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -80,6 +81,21 @@ def measure(step: Callable[[int], None], n_inputs: int, device: str,
             budget: Budget) -> Timing:
     """Times step(i) over inputs i = 0, 1, ... (mod n_inputs).  The caller has already made
     the first call (compilation, lazy initialisation, the correctness check)."""
+    # Python's cyclic garbage collector is off while timing, as in timeit: otherwise a
+    # collection of the whole heap (torch, dynamo, inductor: millions of objects) lands in
+    # whichever rep crossed the allocation threshold, at random, for every implementation.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure(step, n_inputs, device, budget)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _measure(step: Callable[[int], None], n_inputs: int, device: str,
+             budget: Budget) -> Timing:
     # Warm calls: one for a slow call, up to 0.1 s of them for short ones (allocator, caches,
     # clocks); the last one sizes the reps.
     warm_s = total_s = 0.0
