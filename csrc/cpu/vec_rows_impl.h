@@ -470,43 +470,59 @@ void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, f
 // The gradient from the exps a stats pass kept: p_j = e_j * exp(chunk_max - lse), minus `hot`
 // at the target, all in float before the one rounding.  `stream`: non-temporal stores (for
 // gradients larger than the caches; the caller fences once at the end of its task).
-template <Dtype D>
+// One vector of that gradient: f e_j - bs w_j, minus hs at the target lane (if it is here).
+inline vf kept_vector(vf f, vf e, vf w_bs, int64_t target_lane, float hs) {
+  const vf gi = f * e - w_bs;
+  if (static_cast<uint64_t>(target_lane) >= static_cast<uint64_t>(W)) return gi;
+  return gi - (iota() == static_cast<int32_t>(target_lane) ? splat(hs) : splat(0.f));
+}
+
+// The main loop has no call and no ragged tail in it (a call would make the compiler reload
+// every vector constant at each step); the last n % W elements go through buffers after it.
+template <Dtype D, bool kStream>
 void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float lse, float a,
-                    float b, const float* w, int64_t target, float hot, bool stream) {
+                    float b, const float* w, int64_t target, float hot) {
   auto* g = static_cast<typename Io<D>::elem*>(gv);
-  stream = stream && reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0;
-  const vi lane = iota();
-  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
-    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
-    const float cm = keep.chunk_max[chunk];
-    const vf f = splat(cm == -__builtin_inff() ? 0.f : a * scale * scalar_exp(cm - lse));
-    const float bs = b * scale;
+  const float* e = keep.e;  // local copies: the stores through g cannot alias them
+  const float* chunk_max = keep.chunk_max;
+  const float bs = b * scale, hs = hot * scale;
+  auto factor = [&](int64_t chunk) {
+    const float cm = chunk_max[chunk];
+    return splat(cm == -__builtin_inff() ? 0.f : a * scale * scalar_exp(cm - lse));
+  };
+  const int64_t full = n / W * W;
+  for (int64_t c0 = 0, chunk = 0; c0 < full; c0 += kVecChunk, ++chunk) {
+    const int64_t c1 = c0 + kVecChunk < full ? c0 + kVecChunk : full;
+    const vf f = factor(chunk);
     for (int64_t i = c0; i < c1; i += W) {
-      const int64_t left = c1 - i;
-      vf e;
-      if (left >= W) {
-        e = Io<Dtype::f32>::load(keep.e + i);
+      const vf w_bs = w == nullptr ? splat(bs) : Io<Dtype::f32>::load(w + i) * bs;
+      const vf gi = kept_vector(f, Io<Dtype::f32>::load(e + i), w_bs, target - i, hs);
+      if (kStream) {
+        store_stream<D>(g + i, gi);
       } else {
-        float buf[W] = {};
-        __builtin_memcpy(buf, keep.e + i, left * sizeof(float));
-        e = Io<Dtype::f32>::load(buf);
-      }
-      vf gi = f * e - load_w(w, i, left) * bs;
-      if (target >= i && target < i + W) {
-        gi -= lane == static_cast<int32_t>(target - i) ? splat(hot * scale) : splat(0.f);
-      }
-      if (left >= W) {
-        if (stream) {
-          store_stream<D>(g + i, gi);
-        } else {
-          Io<D>::store(g + i, gi);
-        }
-      } else {
-        typename Io<D>::elem buf[W];
-        Io<D>::store(buf, gi);
-        __builtin_memcpy(g + i, buf, left * sizeof(buf[0]));
+        Io<D>::store(g + i, gi);
       }
     }
+  }
+  if (full == n) return;
+  const int64_t left = n - full;
+  float eb[W] = {};
+  __builtin_memcpy(eb, e + full, left * sizeof(float));
+  const vf gi = kept_vector(factor(full / kVecChunk), Io<Dtype::f32>::load(eb),
+                            load_w(w, full, left) * bs, target - full, hs);
+  typename Io<D>::elem gb[W];
+  Io<D>::store(gb, gi);
+  __builtin_memcpy(g + full, gb, left * sizeof(gb[0]));
+}
+
+template <Dtype D>
+void grad_kept_dt(const RowKeep& keep, void* g, int64_t n, float scale, float lse, float a, float b,
+                  const float* w, int64_t target, float hot, bool stream) {
+  // Streaming stores need W-element alignment (rows of odd length start anywhere).
+  if (stream && reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0) {
+    grad_kept_impl<D, true>(keep, g, n, scale, lse, a, b, w, target, hot);
+  } else {
+    grad_kept_impl<D, false>(keep, g, n, scale, lse, a, b, w, target, hot);
   }
 }
 
@@ -562,11 +578,11 @@ void grad_kept(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, f
                float b, const float* w, int64_t target, float hot, bool stream) {
   switch (dt) {
     case Dtype::f16:
-      return grad_kept_impl<Dtype::f16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::f16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
     case Dtype::bf16:
-      return grad_kept_impl<Dtype::bf16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::bf16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
     default:
-      return grad_kept_impl<Dtype::f32>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::f32>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
   }
 }
 
