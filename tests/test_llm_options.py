@@ -219,6 +219,24 @@ def test_compile_fullgraph(device, opts):
     torch.testing.assert_close(w1.grad, w2.grad)
 
 
+@pytest.mark.parametrize("shape", [(37, 7), (3, 21, 19)])  # short rows, and K-dim: lane kernels
+@pytest.mark.parametrize("opts", [
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "weight": True, "reduction": "mean"},
+    {"logit_scale": 0.7, "label_smoothing": 0.1, "reduction": "sum"},
+    {"softcap": 3.0, "logit_scale": 1.3, "z_loss": 1e-2, "weight": True, "reduction": "none"},
+], ids=["smooth-z-weight", "scale-smooth", "cap-scale-z-weight"])
+def test_lane_kernels_every_option(cpu_isa, shape, opts):
+    """The lane kernels compute each row's loss and gradient coefficients in vector form:
+    every option that enters them, on every instruction set, with ignored rows."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = random_logits(shape, torch.float32, "cpu", generator=g)
+    t = random_targets((shape[0],) + shape[2:], shape[1], "cpu", ignore_frac=0.2, generator=g)
+    w = torch.rand(shape[1], generator=g) + 0.5
+    opts = dict(opts)
+    reduction = opts.pop("reduction")
+    _check(x, t, w, {}, opts, reduction)
+
+
 @pytest.mark.parametrize("c", [10, 100, 5000])  # one row per lane, one row at a time, chunks
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_negative_logit_scale_every_path(cpu_isa, dtype, c):

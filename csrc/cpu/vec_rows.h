@@ -47,6 +47,27 @@ struct LaneBlock {
   int64_t class_stride;
 };
 
+// Per-call constants of the loss and gradient of class-index rows, for the lane kernels: the
+// terms of xent_row.h's index_row_loss and index_grad_coef, computed once in float.
+struct LaneCoefs {
+  float one_minus_eps;  // 1 - label_smoothing
+  float eps_per_class;  // label_smoothing / C
+  float z_loss;
+  float w_sum;  // sum of the class weights (C without weights)
+  float scale;  // the gradient scale s (1 / total weight for 'mean')
+  bool smooth;  // label_smoothing > 0: the dot term is needed
+};
+
+// What the lane kernels return per lane: the row's loss (0 for a row that is not valid), its
+// log-sum-exp, and its gradient coefficients (xent_row.h's GradCoef, all 0 when not valid).
+struct LaneOut {
+  float* loss;
+  float* lse;
+  float* a;
+  float* b;
+  float* hot;
+};
+
 struct VecKernels {
   const char* name;
   int width;  // float32 lanes per vector
@@ -64,11 +85,12 @@ struct VecKernels {
   // the caller must issue a store fence (_mm_sfence) before the data is used.
   void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse,
                     float a, float b, const float* w, int64_t target, float hot, bool stream);
-  // Per lane (arrays of `width`): ref = y of class 0, the log-sum-exp and (want_dot)
-  // sum_j w_j (y_j - ref).  With ybuf (C * width floats, for row-major blocks), the block's
-  // transformed logits are transposed into it once, and lanes_grad reads them back.
-  void (*lanes_stats)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
-                      float* ybuf, float* ref, float* lse, float* dot);
+  // Per lane (arrays of `width`): the loss, log-sum-exp and gradient coefficients of the row,
+  // given its target (-1 where the row is ignored or its target out of range).  With ybuf
+  // (C * width floats, for row-major blocks), the block's transformed logits are transposed
+  // into it once, and lanes_grad reads them back.
+  void (*lanes_stats)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
+                      const LaneCoefs& c, const int32_t* target, float* ybuf, const LaneOut& out);
   // g(l, j) = (a[l] exp(y - lse[l]) - b[l] w_j - [j == target[l]] hot[l]) T'(x), rounded once.
   void (*lanes_grad)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
                      const float* ybuf, const float* lse, const float* a, const float* bw,

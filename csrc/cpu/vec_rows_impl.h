@@ -633,27 +633,53 @@ inline vf lanes_y(const LaneBlock& b, int64_t j, VecTransform t, const float* yb
   return ybuf ? load_f32(ybuf + j * W) : transform<K>(load_lanes<D>(b, j), t);
 }
 
+inline vi load_i32(const int32_t* p) {
+  vi v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
 template <Dtype D, Tf K>
-void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, bool want_dot,
-                      float* ybuf, float* ref_out, float* lse_out, float* dot_out) {
+void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, const LaneCoefs& c,
+                      const int32_t* target, float* ybuf, const LaneOut& out) {
   const int64_t C = b.num_classes;
   if (ybuf != nullptr) transpose_rows<D, K>(b, t, ybuf);
+  const vi tv = load_i32(target);
   const vf rv = lanes_y<D, K>(b, 0, t, ybuf);
   vf m = rv;
   for (int64_t j = 1; j < C; ++j) m = vmax(m, lanes_y<D, K>(b, j, t, ybuf));
   // Lanes whose max is -inf (all masked, or absent) add nothing; exp(-inf - -inf) is NaN.
   const vi live = m != -__builtin_inff();
   const vf mv = live ? m : splat(0.f);
-  vf sum = splat(0.f), dot = splat(0.f);
+  // The target's logit and weight are picked up on the way (no gather): lanes whose target is
+  // -1 never match and keep 0.
+  vf sum = splat(0.f), dot = splat(0.f), y_t = splat(0.f), w_t = splat(0.f);
   for (int64_t j = 0; j < C; ++j) {
     const vf y = lanes_y<D, K>(b, j, t, ybuf);
+    const float wj = w ? w[j] : 1.f;
     sum += vexp(y - mv);
-    if (want_dot) dot += (w ? w[j] : 1.f) * (y - rv);
+    if (c.smooth) dot += wj * (y - rv);
+    const vi hit = tv == static_cast<int32_t>(j);
+    y_t = hit ? y : y_t;
+    w_t = hit ? splat(wj) : w_t;
   }
-  Io<Dtype::f32>::store(ref_out, rv);
   // An all -inf lane has lse -inf (m); a NaN logit reaches lse through the sum.
-  Io<Dtype::f32>::store(lse_out, live ? m + vlog(sum) : m);
-  Io<Dtype::f32>::store(dot_out, dot);
+  const vf lse = live ? m + vlog(sum) : m;
+  // xent_row.h, index_row_loss and index_grad_coef, lane by lane.
+  const vi valid = tv >= 0;
+  vf loss = c.one_minus_eps * w_t * (lse - y_t);
+  vf big_a = c.one_minus_eps * w_t + c.eps_per_class * c.w_sum;
+  if (c.smooth) loss += c.eps_per_class * (c.w_sum * (lse - rv) - dot);
+  if (c.z_loss > 0.f) {
+    loss += c.z_loss * lse * lse;
+    big_a += 2.f * c.z_loss * lse;
+  }
+  const vf zero = splat(0.f);
+  Io<Dtype::f32>::store(out.loss, valid ? loss : zero);
+  Io<Dtype::f32>::store(out.lse, lse);
+  Io<Dtype::f32>::store(out.a, valid ? c.scale * big_a : zero);
+  Io<Dtype::f32>::store(out.b, valid ? splat(c.scale * c.eps_per_class) : zero);
+  Io<Dtype::f32>::store(out.hot, valid ? c.scale * c.one_minus_eps * w_t : zero);
 }
 
 template <Dtype D, Tf K>
@@ -661,8 +687,7 @@ void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const f
                      const float* lse, const float* a, const float* bw, const float* hot,
                      const int32_t* target) {
   const vf lv = load_f32(lse), av = load_f32(a), bv = load_f32(bw), hv = load_f32(hot);
-  vi tv;
-  __builtin_memcpy(&tv, target, sizeof tv);
+  const vi tv = load_i32(target);
   for (int64_t j = 0; j < b.num_classes; ++j) {
     const vf onehot = tv == static_cast<int32_t>(j) ? hv : splat(0.f);
     vf y, d;
@@ -684,22 +709,21 @@ void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const f
 }
 
 template <Dtype D>
-void lanes_stats_dt(const LaneBlock& b, VecTransform t, const float* w, bool want_dot, float* ybuf,
-                    float* ref, float* lse, float* dot) {
-  with_tf(t, [&](auto tf) {
-    lanes_stats_impl<D, decltype(tf)::value>(b, t, w, want_dot, ybuf, ref, lse, dot);
-  });
+void lanes_stats_dt(const LaneBlock& b, VecTransform t, const float* w, const LaneCoefs& c,
+                    const int32_t* target, float* ybuf, const LaneOut& out) {
+  with_tf(
+      t, [&](auto tf) { lanes_stats_impl<D, decltype(tf)::value>(b, t, w, c, target, ybuf, out); });
 }
 
-void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, bool want_dot,
-                 float* ybuf, float* ref, float* lse, float* dot) {
+void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, const LaneCoefs& c,
+                 const int32_t* target, float* ybuf, const LaneOut& out) {
   switch (dt) {
     case Dtype::f16:
-      return lanes_stats_dt<Dtype::f16>(b, t, w, want_dot, ybuf, ref, lse, dot);
+      return lanes_stats_dt<Dtype::f16>(b, t, w, c, target, ybuf, out);
     case Dtype::bf16:
-      return lanes_stats_dt<Dtype::bf16>(b, t, w, want_dot, ybuf, ref, lse, dot);
+      return lanes_stats_dt<Dtype::bf16>(b, t, w, c, target, ybuf, out);
     default:
-      return lanes_stats_dt<Dtype::f32>(b, t, w, want_dot, ybuf, ref, lse, dot);
+      return lanes_stats_dt<Dtype::f32>(b, t, w, c, target, ybuf, out);
   }
 }
 

@@ -220,51 +220,34 @@ struct LaneBlocks {
 template <typename scalar_t>
 void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t end, BadTarget& bad) {
   constexpr int kMaxW = 16;
-  float ref[kMaxW], dot[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
+  float loss[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
   int32_t tgt[kMaxW];
-  bool valid[kMaxW];
+  const xent_cpu::LaneOut out{loss, lse, ca, cb, hot};
+  // The per-call terms of index_row_loss / index_grad_coef (xent_row.h), in float as there.
+  const float eps = static_cast<float>(o.label_smoothing);
+  const xent_cpu::LaneCoefs coefs{
+      1.f - eps, eps / static_cast<float>(C), static_cast<float>(o.z_loss), w_sum, s, smooth};
   // Row-major blocks keep their transposed logits here between the two kernels.
   std::vector<float> ybuf(lb.S == 1 ? lb.C * lb.W : 0);
 
   for (int64_t blk = begin; blk < end; ++blk) {
     int64_t row0, lanes, offset, ls, cs;
     lb.locate(blk, &row0, &lanes, &offset, &ls, &cs);
-    const scalar_t* x = X + offset;
-    auto at = [&](int64_t l, int64_t j) { return float(x[l * ls + j * cs]); };
-    const xent_cpu::LaneBlock b{x, G ? G + offset : nullptr, lanes, lb.C, ls, cs};
+    const xent_cpu::LaneBlock b{X + offset, G ? G + offset : nullptr, lanes, lb.C, ls, cs};
     float* yb = ybuf.empty() ? nullptr : ybuf.data();
-    k.lanes_stats(b, dt, tr, w, smooth, yb, ref, lse, dot);
+    // The rows of a block are consecutive: row0 + l.  -1 marks a row that is not valid.
     for (int l = 0; l < kMaxW; ++l) {
-      ca[l] = cb[l] = hot[l] = 0.f;
-      tgt[l] = -1;
-      valid[l] = false;
-      if (l >= lanes) {
-        lse[l] = 0.f;  // absent lanes: finite, so the gradient kernel computes no NaN there
-        continue;
-      }
-      const int64_t r = row0 + l;  // the rows of a block are consecutive
-      const int64_t t = T[r];
-      valid[l] = target_is_valid(t, o, bad);
-      IndexRow<float> ir{};
-      ir.ref = ref[l];
-      ir.w_sum = w_sum;
-      ir.dot_ref = dot[l];
-      if (valid[l]) {
-        ir.w_t = w ? w[t] : 1.f;
-        ir.y_t = transform_logit(at(l, t), o);
-        tgt[l] = static_cast<int32_t>(t);
-      }
-      loss_out[r] = index_row_loss(ir, lse[l], valid[l], o);
-      lse_out[r] = lse[l];
-      const GradCoef<float> gc = index_grad_coef(ir, lse[l], valid[l], s, o);
-      ca[l] = gc.a;
-      cb[l] = gc.b;
-      hot[l] = gc.hot;
+      tgt[l] = l < lanes && target_is_valid(T[row0 + l], o, bad) ? static_cast<int32_t>(T[row0 + l])
+                                                                 : -1;
     }
+    k.lanes_stats(b, dt, tr, w, coefs, tgt, yb, out);
+    std::memcpy(loss_out + row0, loss, lanes * sizeof(float));
+    std::memcpy(lse_out + row0, lse, lanes * sizeof(float));
     if (G == nullptr) continue;
+    for (int l = lanes; l < kMaxW; ++l) lse[l] = 0.f;  // absent lanes: no NaN computed there
     k.lanes_grad(b, dt, tr, w, yb, lse, ca, cb, hot, tgt);
     for (int l = 0; l < lanes; ++l) {  // ignored rows: exactly zero, whatever their logits
-      if (valid[l]) continue;
+      if (tgt[l] >= 0) continue;
       for (int64_t j = 0; j < lb.C; ++j) G[offset + l * ls + j * cs] = scalar_t(0);
     }
   }
