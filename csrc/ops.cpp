@@ -48,6 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "_vec_exp", [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().exp); },
       "exp(x) computed by the CPU kernels' vector exp (for accuracy tests).");
   m.def(
+      "_vec_exp_fast",
+      [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().exp_fast); },
+      "exp(x), x <= 88, computed by the vector exp of the CPU row sweeps (for accuracy tests).");
+  m.def(
       "_vec_log", [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().log); },
       "log(x) computed by the CPU kernels' vector log (for accuracy tests).");
   m.def(
