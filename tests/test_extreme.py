@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import xent_ext
 from xent_ext.reference import naive_cross_entropy
 
-from .conftest import DEVICES, DTYPES
+from .conftest import DEVICES, DTYPES, assert_close_to_reference
 
 
 def _extreme_rows(dtype, big, device):
@@ -76,6 +76,33 @@ def test_nan_and_inf_propagate_like_torch(device):
     ref = F.cross_entropy(x, t, reduction="none")
     assert torch.equal(ours.isnan(), ref.isnan()), (ours, ref)
     torch.testing.assert_close(ours[3], ref[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_rises_within_a_row(cpu_isa, dtype):
+    """The CPU row sweep takes exps against a reference that may lag the max by up to 64 and
+    rises (rescaling the sum, sweeping the chunk again) when a chunk's max is further above it:
+    rows that start far below their max, jump in a later chunk, ramp up across chunks, or
+    start with -inf; with the gradient from the kept exps, and split across threads."""
+    c = 5000  # three 2048-element chunks
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, c, generator=gen, dtype=torch.float64)
+    x[0, 0] = -500.0  # first element far below the max
+    x[1, 4500] = 300.0  # a jump in the last chunk
+    x[2] = torch.linspace(-200.0, 400.0, c, dtype=torch.float64)  # rises in every chunk
+    x[3, :3000] = float("-inf")  # the first chunk all -inf, the reference starts at -inf
+    x[4, 0] = float("-inf")
+    x[5, 2048] = 100.0  # exactly at a chunk start
+    x = x.to(dtype)
+    t = torch.tensor([1, 4500, c - 1, 3500, 2, 0])
+    for reduction in ("none", "sum"):
+        assert_close_to_reference(x, t, reduction=reduction, upstream="random")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # fewer rows than threads: each row split into slices
+    try:
+        assert_close_to_reference(x[:2], t[:2], reduction="none", upstream="random")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_vector_exp_accuracy(cpu_isa):

@@ -20,19 +20,19 @@ struct VecTransform {
 };
 
 struct RowStats {
-  float max;      // max_j y_j
+  float max;      // a reference value: max_j y_j or up to 64 below it (lse = max + log(sum))
   float sum;      // sum_j exp(y_j - max)
   float dot_ref;  // sum_j w_j (y_j - ref) when asked for, else 0
 };
 
-// Rows are processed in chunks of this many elements: the chunk's max, then its exps, while it
-// sits in L1 (8 KiB of float32); large enough that the per-chunk rescale is negligible.
+// Rows are processed in chunks of this many elements (8 KiB of float32): small enough that a
+// chunk swept a second time (when the reference must rise) is still in L1.
 constexpr int64_t kVecChunk = 2048;
 
 // Exps a stats pass keeps for the gradient pass, so each element costs one exp in all.
 struct RowKeep {
-  float* e;          // n values: exp(y_j - running max of y_j's chunk)
-  float* chunk_max;  // one value per chunk: that running max
+  float* e;          // n values: exp(y_j - the reference of y_j's chunk)
+  float* chunk_max;  // one value per chunk: that reference (see RowStats::max)
 };
 
 // Up to `lanes` rows handled together, one row per SIMD lane: for many short rows (small C),
@@ -71,8 +71,9 @@ struct LaneOut {
 struct VecKernels {
   const char* name;
   int width;  // float32 lanes per vector
-  // One pass over a contiguous row of n logits: chunk by chunk, the chunk's max (from L1) and
-  // then its sum of exp relative to the running max: one exp per element.  With want_dot, also
+  // One pass over a contiguous row of n logits: chunk by chunk, its max and its sum of exps
+  // relative to a reference that lags the max by at most 64 (one exp per element; a chunk is
+  // swept twice only when the reference must rise by more).  With want_dot, also
   // the weighted sum of (y_j - ref); w == nullptr means unit weights.  With keep (ignored when
   // softcap is on), the exps are kept for grad_kept.
   RowStats (*stats)(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w,

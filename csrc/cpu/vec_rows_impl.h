@@ -417,72 +417,90 @@ inline void store_tail_f32(float* p, vf v, int64_t left) {
   }
 }
 
-// kDot: also sum w_j (y_j - ref).  kKeep: also store exp(y_j - running max) and each chunk's
-// running max, so that the gradient pass needs no second exp (plain transform only).
+// Exps are taken against a reference value that may lag the running max by up to this much:
+// exp(y - reference) <= e^64 ~ 6e27, so a row of up to 5e10 of them still sums below FLT_MAX.
+constexpr float kRefSlack = 64.f;
+
+// One sweep over each chunk: its exps against the row's current reference (a value of the
+// row seen so far, so never above its max), and its max.  Only when the chunk's max exceeds
+// the reference by more than kRefSlack (the first chunk of a row that starts far below its
+// max, a sudden jump) is the reference raised to it, the sum so far rescaled and the chunk,
+// now in L1, swept again.  The log-sum-exp is reference + log(sum), whatever the reference.
+// kDot: also sum w_j (y_j - ref).  kKeep: also store exp(y_j - reference) and each chunk's
+// reference, so that the gradient pass needs no second exp (plain transform only).
 template <Dtype D, Tf K, bool kDot, bool kKeep>
 RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, float ref,
                     RowKeep* keep) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
   const float ninf = -__builtin_inff();
-  float run_max = ninf, run_sum = 0.f;
+  // The first logit as the first reference: within kRefSlack of the max for most rows.
+  float run_ref = n > 0 ? transform<K>(load_any<D>(x, n), t)[0] : ninf;
+  float run_sum = 0.f;
   vf dot = splat(0.f);
   const vi lane = iota();
   for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
     const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
-    // Sweep 1: the chunk's max (brings the chunk into L1).  Two accumulators for ILP.
-    vf m0 = splat(ninf), m1 = splat(ninf);
-    int64_t i = c0;
-    for (; i + 2 * W <= c1; i += 2 * W) {
-      m0 = vmax(m0, transform<K>(Io<D>::load(x + i), t));
-      m1 = vmax(m1, transform<K>(Io<D>::load(x + i + W), t));
-    }
-    for (; i < c1; i += W) m0 = vmax(m0, transform<K>(load_any<D>(x + i, c1 - i), t));
-    const float cmax = hmax(vmax(m0, m1));
-    if (cmax > run_max) {
-      run_sum = run_max == ninf ? 0.f : run_sum * scalar_exp(run_max - cmax);
-      run_max = cmax;
-    }
-    if (kKeep) keep->chunk_max[chunk] = run_max;
-    // Sweep 2: exps against the updated running max (from L1), two vectors per step into two
-    // sums.  A chunk whose running max is still -inf holds only -inf (or NaN): subtracting +inf
-    // gives exps of 0 (and keeps a NaN), where exp(-inf - -inf) would be NaN.
-    const vf mv = splat(run_max != ninf ? run_max : __builtin_inff());
-    vf s0 = splat(0.f), s1 = splat(0.f);
-    auto step = [&](int64_t at, vf& acc) {
-      const vf y = transform<K>(Io<D>::load(x + at), t);
-      const vf e = vexp_fast(y - mv);
-      acc += e;
-      if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
-      if (kDot) dot += load_w(w, at, W) * (y - ref);
-    };
-    for (i = c0; i + 2 * W <= c1; i += 2 * W) {
-      // Ask for the next chunk while this one computes: the max sweep that starts it would
-      // otherwise wait on memory with nothing else to do (prefetches past the row are harmless).
-      constexpr int64_t kStepBytes = 2 * W * sizeof(typename Io<D>::elem);
-      __builtin_prefetch(x + i + kVecChunk);
-      if (kStepBytes > 64) __builtin_prefetch(x + i + W + kVecChunk);
-      step(i, s0);
-      step(i + W, s1);
-    }
-    if (i + W <= c1) {
-      step(i, s0);
-      i += W;
-    }
-    if (i < c1) {
-      const int64_t left = c1 - i;
-      const vf y = transform<K>(load_tail<D>(x + i, left), t);
-      const vf e = vexp_fast(y - mv);  // padded lanes are -inf: exp gives 0
-      s1 += e;
-      if (kKeep) store_tail_f32(keep->e + i, e, left);
-      if (kDot) {
-        const vf d = load_w(w, i, left) * (y - ref);
-        dot += lane < static_cast<int32_t>(left) ? d : splat(0.f);
+    // Returns the chunk's max and sum of exps against r; adds its dot terms to cdot.  With r
+    // = -inf, +inf is subtracted instead: exps of 0 (and a NaN kept), where exp(-inf - -inf)
+    // would be NaN.
+    auto sweep = [&](float r, float* csum, vf* cdot) {
+      const vf mv = splat(r != ninf ? r : __builtin_inff());
+      vf s0 = splat(0.f), s1 = splat(0.f), m0 = splat(ninf), m1 = splat(ninf);
+      vf d = splat(0.f);
+      auto step = [&](int64_t at, vf& acc, vf& mx) {
+        const vf y = transform<K>(Io<D>::load(x + at), t);
+        mx = vmax(mx, y);
+        const vf e = vexp_fast(y - mv);
+        acc += e;
+        if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
+        if (kDot) d += load_w(w, at, W) * (y - ref);
+      };
+      int64_t i = c0;
+      for (; i + 2 * W <= c1; i += 2 * W) {
+        // Ask for the next chunk while this one computes (prefetches past the row are
+        // harmless): the hardware prefetcher alone leaves each chunk's first loads waiting.
+        constexpr int64_t kStepBytes = 2 * W * sizeof(typename Io<D>::elem);
+        __builtin_prefetch(x + i + kVecChunk);
+        if (kStepBytes > 64) __builtin_prefetch(x + i + W + kVecChunk);
+        step(i, s0, m0);
+        step(i + W, s1, m1);
       }
+      if (i + W <= c1) {
+        step(i, s0, m0);
+        i += W;
+      }
+      if (i < c1) {
+        const int64_t left = c1 - i;
+        const vf y = transform<K>(load_tail<D>(x + i, left), t);
+        m1 = vmax(m1, y);  // padded lanes are -inf: no effect on the max, exp gives 0
+        const vf e = vexp_fast(y - mv);
+        s1 += e;
+        if (kKeep) store_tail_f32(keep->e + i, e, left);
+        if (kDot) {
+          const vf dd = load_w(w, i, left) * (y - ref);
+          d += lane < static_cast<int32_t>(left) ? dd : splat(0.f);
+        }
+      }
+      *csum = hsum(s0 + s1);
+      *cdot = d;
+      return hmax(vmax(m0, m1));
+    };
+    float csum;
+    vf cdot;
+    const float cmax = sweep(run_ref, &csum, &cdot);
+    // cmax - run_ref > kRefSlack, written so that a -inf reference and a finite max raise it
+    // (and an all -inf chunk does not).
+    if (cmax > run_ref && (run_ref == ninf || cmax - run_ref > kRefSlack)) {
+      run_sum = run_ref == ninf ? 0.f : run_sum * scalar_exp(run_ref - cmax);
+      run_ref = cmax;
+      sweep(run_ref, &csum, &cdot);
     }
-    run_sum += hsum(s0 + s1);
+    if (kKeep) keep->chunk_max[chunk] = run_ref;
+    run_sum += csum;
+    if (kDot) dot += cdot;
   }
-  // A NaN logit is invisible to max but not to exp(NaN - max): the sum carries it.
-  return RowStats{run_max, run_sum, kDot ? hsum(dot) : 0.f};
+  // A NaN logit is invisible to max but not to exp(NaN - reference): the sum carries it.
+  return RowStats{run_ref, run_sum, kDot ? hsum(dot) : 0.f};
 }
 
 template <Dtype D, Tf K>
