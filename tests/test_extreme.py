@@ -105,6 +105,25 @@ def test_reference_rises_within_a_row(cpu_isa, dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(19, 30), (3, 30, 19)], ids=["short-rows", "kdim"])
+def test_reference_rises_in_the_lane_kernels(cpu_isa, dtype, shape):
+    """The lane kernels take exps against each row's first logit in one pass and sweep the
+    block again, against each row's max, when some row's max is more than 64 above it."""
+    gen = torch.Generator().manual_seed(3)
+    rows_last = (shape[0],) + shape[2:] + (shape[1],)  # each row's classes contiguous
+    base = torch.randn(rows_last, generator=gen, dtype=torch.float64)
+    x2 = base.view(-1, shape[1])  # (rows, C)
+    x2[0, 0] = -500.0  # first logit far below the max
+    x2[1, 0] = float("-inf")  # first logit -inf
+    x2[2, 17] = 200.0  # a row whose max is far above its first logit
+    x2[3, :15] = float("-inf")  # the first half of a row masked
+    x = base.movedim(-1, 1).contiguous().to(dtype)  # (N, C) or (N, C, S)
+    t = torch.randint(15, shape[1], (shape[0],) + shape[2:], generator=gen)
+    for reduction in ("none", "sum"):
+        assert_close_to_reference(x, t, reduction=reduction, upstream="random")
+
+
 def test_vector_exp_accuracy(cpu_isa):
     """The CPU kernels' vector exp: at most 2 ulp from exp in float64 on [-87.3, 88.3], 0 below
     the float32 normal range, NaN for NaN."""

@@ -702,26 +702,37 @@ void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, const 
   const int64_t C = b.num_classes;
   if (ybuf != nullptr) transpose_rows<D, K>(b, t, ybuf);
   const vi tv = load_i32(target);
+  const float ninf = -__builtin_inff();
   const vf rv = lanes_y<D, K>(b, 0, t, ybuf);
-  vf m = rv;
-  for (int64_t j = 1; j < C; ++j) m = vmax(m, lanes_y<D, K>(b, j, t, ybuf));
-  // Lanes whose max is -inf (all masked, or absent) add nothing; exp(-inf - -inf) is NaN.
-  const vi live = m != -__builtin_inff();
-  const vf mv = live ? m : splat(0.f);
-  // The target's logit and weight are picked up on the way (no gather): lanes whose target is
-  // -1 never match and keep 0.
-  vf sum = splat(0.f), dot = splat(0.f), y_t = splat(0.f), w_t = splat(0.f);
+  // One pass over the classes, as the row sweep: exps against each lane's first logit (+inf
+  // where that is -inf: exps of 0, not exp(-inf - -inf) = NaN), the max on the way.  The
+  // target's logit and weight are picked up too (no gather): lanes whose target is -1 never
+  // match and keep 0.
+  vf ref = rv == ninf ? splat(__builtin_inff()) : rv;
+  vf m = splat(ninf), sum = splat(0.f), dot = splat(0.f), y_t = splat(0.f), w_t = splat(0.f);
   for (int64_t j = 0; j < C; ++j) {
     const vf y = lanes_y<D, K>(b, j, t, ybuf);
     const float wj = w ? w[j] : 1.f;
-    sum += vexp_fast(y - mv);
+    m = vmax(m, y);
+    sum += vexp_fast(y - ref);
     if (c.smooth) dot += wj * (y - rv);
     const vi hit = tv == static_cast<int32_t>(j);
     y_t = hit ? y : y_t;
     w_t = hit ? splat(wj) : w_t;
   }
+  // Lanes whose max lies more than kRefSlack above their first logit (or above a first -inf):
+  // the whole block's exps again, against each lane's max.  Rare: a row must start far below
+  // its max.
+  const vi redo = (m > rv) & ((rv == ninf) | (m - rv > kRefSlack));
+  int any_redo = 0;
+  for (int l = 0; l < W; ++l) any_redo |= redo[l];
+  if (any_redo) {
+    ref = redo ? m : ref;
+    sum = splat(0.f);
+    for (int64_t j = 0; j < C; ++j) sum += vexp_fast(lanes_y<D, K>(b, j, t, ybuf) - ref);
+  }
   // An all -inf lane has lse -inf (m); a NaN logit reaches lse through the sum.
-  const vf lse = live ? m + vlog(sum) : m;
+  const vf lse = m != ninf ? ref + vlog(sum) : m;
   // xent_row.h, index_row_loss and index_grad_coef, lane by lane.
   const vi valid = tv >= 0;
   vf loss = c.one_minus_eps * w_t * (lse - y_t);
