@@ -179,6 +179,32 @@ inline vf vexp_fast(vf x) {
   // + (x - x): 0, or NaN for NaN (whose bits the exponent add may have changed).
   return (vf)_mm512_maskz_add_ps(normal, res, _mm512_sub_ps(xv, xv));
 }
+#elif defined(XENT_VEC_AVX2)
+// AVX2: the same with an 8-entry table (one vpermps on 8 lanes): |r| <= ln2/16, so exp(r) to
+// degree 4; no mask registers, so the lanes below the normal range are cleared with an and.
+inline vf vexp_fast(vf x) {
+  const __m256 xv = (__m256)x;
+  const __m256 normal = _mm256_cmp_ps(xv, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 kf = _mm256_fmadd_ps(xv, _mm256_set1_ps(11.541560327111707f), magic);  // 8 / ln2
+  const __m256 fn = _mm256_sub_ps(kf, magic);
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.08660888671875f), xv);  // fn * hi exact
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(3.451085124316078e-05f), r);
+  const __m256 table =
+      _mm256_setr_ps(1.000000000e+00f, 1.090507733e+00f, 1.189207115e+00f, 1.296839555e+00f,
+                     1.414213562e+00f, 1.542210825e+00f, 1.681792831e+00f, 1.834008086e+00f);
+  const __m256i ki = _mm256_castps_si256(kf);
+  const __m256 t = _mm256_permutevar8x32_ps(table, ki);  // index: the low 3 bits
+  // exp(r) = 1 + r q, q = 1 + r/2 + r^2/6 + r^3/24; t exp(r) = t + (t r) q.
+  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 24.f), r, _mm256_set1_ps(1.f / 6.f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f));
+  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(t, r), q, t);
+  const __m256i scale =
+      _mm256_and_si256(_mm256_slli_epi32(ki, 20), _mm256_set1_epi32(static_cast<int>(0xff800000u)));
+  const __m256 res = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), scale));
+  return (vf)_mm256_and_ps(_mm256_add_ps(res, _mm256_sub_ps(xv, xv)), normal);
+}
 #else
 inline vf vexp_fast(vf x) {
   return vexp(x);
