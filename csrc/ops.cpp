@@ -52,6 +52,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().exp_fast); },
       "exp(x), x <= 88, computed by the vector exp of the CPU row sweeps (for accuracy tests).");
   m.def(
+      "_vec_exp_f64",
+      [](const at::Tensor& x) {
+        TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kDouble,
+                    "expects a float64 CPU tensor");
+        const at::Tensor xc = x.contiguous();
+        at::Tensor y = at::empty_like(xc);
+        xent_cpu::active_kernels().exp_f64(xc.const_data_ptr<double>(),
+                                           y.mutable_data_ptr<double>(), xc.numel());
+        return y;
+      },
+      "exp(x), x <= 700, computed by the float64 vector exp of the CPU kernels (for tests).");
+  m.def(
       "_vec_log", [=](const at::Tensor& x) { return vec_math(x, xent_cpu::active_kernels().log); },
       "log(x) computed by the CPU kernels' vector log (for accuracy tests).");
   m.def(

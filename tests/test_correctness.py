@@ -38,7 +38,8 @@ def test_matches_torch(device, dtype, n, v):
                                   upstream="random" if reduction == "none" else "ones")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
 @pytest.mark.parametrize("v", [1, 5, 16, 17, 2047, 2048, 2049, 32001])
 def test_every_cpu_path(cpu_isa, dtype, v):
     """Each instruction set, at sizes around its vector width and the 2048-element chunk."""

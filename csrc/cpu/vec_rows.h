@@ -11,7 +11,7 @@
 
 namespace xent_cpu {
 
-enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };  // f64: stats_f64 only
 
 // y = scale * x, or softcap * tanh(scale * x / softcap) when softcap > 0 (-inf stays -inf).
 struct VecTransform {
@@ -33,6 +33,17 @@ constexpr int64_t kVecChunk = 2048;
 struct RowKeep {
   float* e;          // n values: exp(y_j - the reference of y_j's chunk)
   float* chunk_max;  // one value per chunk: that reference (see RowStats::max)
+};
+
+// The same for float64 rows, accumulated in float64.
+struct RowStatsD {
+  double max;
+  double sum;
+  double dot_ref;
+};
+struct RowKeepD {
+  double* e;
+  double* chunk_max;
 };
 
 // Up to `lanes` rows handled together, one row per SIMD lane: for many short rows (small C),
@@ -100,6 +111,15 @@ struct VecKernels {
   void (*exp)(const float* x, float* y, int64_t n);
   // The same with the exp of the row sweeps (x <= 88; fewer multiplies, same accuracy goal).
   void (*exp_fast)(const float* x, float* y, int64_t n);
+  // float64 rows (contiguous, y = scale * x, no softcap): the same one-sweep statistics and
+  // gradient from the kept exps, in float64 throughout.
+  RowStatsD (*stats_f64)(const double* x, int64_t n, double scale, const double* w, bool want_dot,
+                         double ref, RowKeepD* keep);
+  void (*grad_kept_f64)(const RowKeepD& keep, double* g, int64_t n, double scale, double lse,
+                        double a, double b, const double* w, int64_t target, double hot,
+                        bool stream);
+  // y = exp(x) with the float64 vector exp (x <= 700; for accuracy tests).
+  void (*exp_f64)(const double* x, double* y, int64_t n);
   // y = log(x) with the kernels' own vector log (positive normal x; for accuracy tests).
   void (*log)(const float* x, float* y, int64_t n);
 };

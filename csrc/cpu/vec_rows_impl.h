@@ -97,6 +97,9 @@ inline float hsum(vf v) {
 inline float scalar_exp(float x) {
   return __builtin_expf(x);
 }
+inline double scalar_exp(double x) {
+  return __builtin_exp(x);
+}
 
 // exp(x) for float32 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and the
 // Cephes degree-6 polynomial for exp(r).  Maximum error measured against exp in float64
@@ -400,6 +403,11 @@ struct TfTag {
   static constexpr Tf value = K;
 };
 
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
 // Calls f(TfTag<K>{}) with the K of t: one instantiation per kind of transform.
 template <typename F>
 inline auto with_tf(VecTransform t, F&& f) {
@@ -447,6 +455,28 @@ inline void store_tail_f32(float* p, vf v, int64_t left) {
 // exp(y - reference) <= e^64 ~ 6e27, so a row of up to 5e10 of them still sums below FLT_MAX.
 constexpr float kRefSlack = 64.f;
 
+// The chunk loop of the row sweeps, float32 and float64 alike.  sweep(c0, c1, r, &sum) sweeps
+// elements [c0, c1) against the reference r and returns their max; when that max lies more
+// than kRefSlack above the reference (or above a -inf one), the reference rises to it, the
+// sum so far is rescaled and the chunk swept again.  done(chunk, r) then takes what the last
+// sweep of the chunk left (its dot terms, the reference its kept exps are relative to).
+template <typename T, typename Sweep, typename Done>
+void sweep_chunks(int64_t n, T* run_ref, T* run_sum, Sweep&& sweep, Done&& done) {
+  const T ninf = -__builtin_inf();
+  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
+    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
+    T csum;
+    const T cmax = sweep(c0, c1, *run_ref, &csum);
+    if (cmax > *run_ref && (*run_ref == ninf || cmax - *run_ref > T(kRefSlack))) {
+      *run_sum = *run_ref == ninf ? T(0) : *run_sum * scalar_exp(*run_ref - cmax);
+      *run_ref = cmax;
+      sweep(c0, c1, *run_ref, &csum);
+    }
+    *run_sum += csum;
+    done(chunk, *run_ref);
+  }
+}
+
 // One sweep over each chunk: its exps against the row's current reference (a value of the
 // row seen so far, so never above its max), and its max.  Only when the chunk's max exceeds
 // the reference by more than kRefSlack (the first chunk of a row that starts far below its
@@ -464,67 +494,56 @@ RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, f
   float run_sum = 0.f;
   vf dot = splat(0.f);
   const vi lane = iota();
-  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
-    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
-    // Returns the chunk's max and sum of exps against r; adds its dot terms to cdot.  With r
-    // = -inf, +inf is subtracted instead: exps of 0 (and a NaN kept), where exp(-inf - -inf)
-    // would be NaN.
-    auto sweep = [&](float r, float* csum, vf* cdot) {
-      const vf mv = splat(r != ninf ? r : __builtin_inff());
-      vf s0 = splat(0.f), s1 = splat(0.f), m0 = splat(ninf), m1 = splat(ninf);
-      vf d = splat(0.f);
-      auto step = [&](int64_t at, vf& acc, vf& mx) {
-        const vf y = transform<K>(Io<D>::load(x + at), t);
-        mx = vmax(mx, y);
-        const vf e = vexp_fast(y - mv);
-        acc += e;
-        if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
-        if (kDot) d += load_w(w, at, W) * (y - ref);
-      };
-      int64_t i = c0;
-      for (; i + 2 * W <= c1; i += 2 * W) {
-        // Ask for the next chunk while this one computes (prefetches past the row are
-        // harmless): the hardware prefetcher alone leaves each chunk's first loads waiting.
-        constexpr int64_t kStepBytes = 2 * W * sizeof(typename Io<D>::elem);
-        __builtin_prefetch(x + i + kVecChunk);
-        if (kStepBytes > 64) __builtin_prefetch(x + i + W + kVecChunk);
-        step(i, s0, m0);
-        step(i + W, s1, m1);
-      }
-      if (i + W <= c1) {
-        step(i, s0, m0);
-        i += W;
-      }
-      if (i < c1) {
-        const int64_t left = c1 - i;
-        const vf y = transform<K>(load_tail<D>(x + i, left), t);
-        m1 = vmax(m1, y);  // padded lanes are -inf: no effect on the max, exp gives 0
-        const vf e = vexp_fast(y - mv);
-        s1 += e;
-        if (kKeep) store_tail_f32(keep->e + i, e, left);
-        if (kDot) {
-          const vf dd = load_w(w, i, left) * (y - ref);
-          d += lane < static_cast<int32_t>(left) ? dd : splat(0.f);
-        }
-      }
-      *csum = hsum(s0 + s1);
-      *cdot = d;
-      return hmax(vmax(m0, m1));
+  // Sweeps [c0, c1) against r: returns its max, its sum of exps in *csum, its dot terms in
+  // cdot.  With r = -inf, +inf is subtracted instead: exps of 0 (and a NaN kept), where
+  // exp(-inf - -inf) would be NaN.
+  vf cdot;
+  auto sweep = [&](int64_t c0, int64_t c1, float r, float* csum) {
+    const vf mv = splat(r != ninf ? r : __builtin_inff());
+    vf s0 = splat(0.f), s1 = splat(0.f), m0 = splat(ninf), m1 = splat(ninf);
+    vf d = splat(0.f);
+    auto step = [&](int64_t at, vf& acc, vf& mx) {
+      const vf y = transform<K>(Io<D>::load(x + at), t);
+      mx = vmax(mx, y);
+      const vf e = vexp_fast(y - mv);
+      acc += e;
+      if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
+      if (kDot) d += load_w(w, at, W) * (y - ref);
     };
-    float csum;
-    vf cdot;
-    const float cmax = sweep(run_ref, &csum, &cdot);
-    // cmax - run_ref > kRefSlack, written so that a -inf reference and a finite max raise it
-    // (and an all -inf chunk does not).
-    if (cmax > run_ref && (run_ref == ninf || cmax - run_ref > kRefSlack)) {
-      run_sum = run_ref == ninf ? 0.f : run_sum * scalar_exp(run_ref - cmax);
-      run_ref = cmax;
-      sweep(run_ref, &csum, &cdot);
+    int64_t i = c0;
+    for (; i + 2 * W <= c1; i += 2 * W) {
+      // Ask for the next chunk while this one computes (prefetches past the row are
+      // harmless): the hardware prefetcher alone leaves each chunk's first loads waiting.
+      constexpr int64_t kStepBytes = 2 * W * sizeof(typename Io<D>::elem);
+      __builtin_prefetch(x + i + kVecChunk);
+      if (kStepBytes > 64) __builtin_prefetch(x + i + W + kVecChunk);
+      step(i, s0, m0);
+      step(i + W, s1, m1);
     }
-    if (kKeep) keep->chunk_max[chunk] = run_ref;
-    run_sum += csum;
+    if (i + W <= c1) {
+      step(i, s0, m0);
+      i += W;
+    }
+    if (i < c1) {
+      const int64_t left = c1 - i;
+      const vf y = transform<K>(load_tail<D>(x + i, left), t);
+      m1 = vmax(m1, y);  // padded lanes are -inf: no effect on the max, exp gives 0
+      const vf e = vexp_fast(y - mv);
+      s1 += e;
+      if (kKeep) store_tail_f32(keep->e + i, e, left);
+      if (kDot) {
+        const vf dd = load_w(w, i, left) * (y - ref);
+        d += lane < static_cast<int32_t>(left) ? dd : splat(0.f);
+      }
+    }
+    *csum = hsum(s0 + s1);
+    cdot = d;
+    return hmax(vmax(m0, m1));
+  };
+  sweep_chunks(n, &run_ref, &run_sum, sweep, [&](int64_t chunk, float r) {
+    if (kKeep) keep->chunk_max[chunk] = r;
     if (kDot) dot += cdot;
-  }
+  });
   // A NaN logit is invisible to max but not to exp(NaN - reference): the sum carries it.
   return RowStats{run_ref, run_sum, kDot ? hsum(dot) : 0.f};
 }
@@ -854,6 +873,201 @@ void map_rows(const float* x, float* y, int64_t n) {
   }
 }
 
+// ----- float64 rows -----------------------------------------------------------------------
+// W / 2 doubles per vector, written with the same vector extensions (the compiler emits the
+// instruction set of the pragma), accumulated in float64 as the numerics require.
+typedef double vd __attribute__((vector_size(W * 4), aligned(8)));
+typedef int64_t vl __attribute__((vector_size(W * 4), aligned(8)));
+typedef double vd_mem __attribute__((vector_size(W * 4), aligned(1), may_alias));
+constexpr int WD = W / 2;
+
+inline vd splat_d(double v) {
+  return vd{} + v;
+}
+inline vd load_d(const double* p) {
+  return *reinterpret_cast<const vd_mem*>(p);
+}
+inline void store_d(double* p, vd v) {
+  *reinterpret_cast<vd_mem*>(p) = v;
+}
+inline vd vmax_d(vd a, vd b) {
+  return a > b ? a : b;
+}
+inline double hmax_d(vd v) {
+  double m = v[0];
+  for (int i = 1; i < WD; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline double hsum_d(vd v) {
+  double s = 0;
+  for (int i = 0; i < WD; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for float64 lanes, x <= 700: x = n ln2 + r, |r| <= ln2/2 (fdlibm's two-part ln2, so
+// n ln2_hi is exact), and the Taylor series of exp(r) to degree 13 (truncation 4e-18
+// relative); 2^n added into the exponent bits.  Below -708.39 (subnormal results) it returns
+// 0; NaN stays NaN.  Maximum error against exp in long double: tested in test_extreme.py.
+inline vd vexp_d(vd x) {
+  const vl under = x < -708.3964185322641;
+  const vd magic = splat_d(6755399441055744.0);  // 1.5 * 2^52: its low bits take the integer
+  const vd kf = x * 1.4426950408889634 + magic;
+  const vd fn = kf - magic;
+  vd r = x - fn * 6.93147180369123816490e-01;
+  r = r - fn * 1.90821492927058770002e-10;
+  constexpr double kInvFact[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                 1.0 / 3628800.0,    1.0 / 362880.0,    1.0 / 40320.0,
+                                 1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,
+                                 1.0 / 24.0,         1.0 / 6.0,         0.5};
+  vd p = splat_d(kInvFact[0]);
+  for (int k = 1; k < 12; ++k) p = p * r + kInvFact[k];
+  p = (p * r + 1.0) * r + 1.0;
+  const vl n = (vl)kf - (vl)magic;
+  const vd res = (vd)((vl)p + (n << 52)) + (x - x);  // x - x: 0, or NaN for NaN
+  return under ? splat_d(0.0) : res;
+}
+
+template <bool kScaled>
+inline vd transform_d(vd x, double scale) {
+  if constexpr (!kScaled) return x;
+  return x == -__builtin_inf() ? x : x * scale;
+}
+
+// The last n < WD elements, padded with -inf.
+inline vd load_tail_d(const double* p, int64_t n) {
+  double buf[WD];
+  for (int i = 0; i < WD; ++i) buf[i] = i < n ? p[i] : -__builtin_inf();
+  return load_d(buf);
+}
+
+inline vd load_w_d(const double* w, int64_t i, int64_t n_left) {
+  if (w == nullptr) return splat_d(1.0);
+  if (n_left >= WD) return load_d(w + i);
+  double buf[WD] = {};
+  for (int l = 0; l < n_left; ++l) buf[l] = w[i + l];
+  return load_d(buf);
+}
+
+// stats_impl for float64: one sweep per chunk against a lagging reference (see there).
+template <bool kScaled, bool kDot, bool kKeep>
+RowStatsD stats_f64_impl(const double* x, int64_t n, double scale, const double* w, double ref,
+                         RowKeepD* keep) {
+  const double ninf = -__builtin_inf();
+  double run_ref = n > 0 ? transform_d<kScaled>(load_tail_d(x, 1), scale)[0] : ninf;
+  double run_sum = 0;
+  vd dot = splat_d(0);
+  vd cdot;
+  auto sweep = [&](int64_t c0, int64_t c1, double r, double* csum) {
+    const vd mv = splat_d(r != ninf ? r : __builtin_inf());
+    vd s0 = splat_d(0), s1 = splat_d(0), m0 = splat_d(ninf), m1 = splat_d(ninf), d = splat_d(0);
+    auto step = [&](vd y, int64_t at, int64_t left, vd& acc, vd& mx) {
+      mx = vmax_d(mx, y);
+      const vd e = vexp_d(y - mv);
+      acc += e;
+      if (kKeep) {
+        if (left >= WD) {
+          store_d(keep->e + at, e);
+        } else {
+          for (int l = 0; l < left; ++l) keep->e[at + l] = e[l];
+        }
+      }
+      if (kDot) {
+        const vd dd = load_w_d(w, at, left) * (y - ref);
+        for (int l = 0; l < WD; ++l) d[l] += l < left ? dd[l] : 0.0;
+      }
+    };
+    int64_t i = c0;
+    for (; i + 2 * WD <= c1; i += 2 * WD) {
+      __builtin_prefetch(x + i + kVecChunk);
+      step(transform_d<kScaled>(load_d(x + i), scale), i, WD, s0, m0);
+      step(transform_d<kScaled>(load_d(x + i + WD), scale), i + WD, WD, s1, m1);
+    }
+    for (; i < c1; i += WD) {
+      const int64_t left = c1 - i;
+      const vd xi = left >= WD ? load_d(x + i) : load_tail_d(x + i, left);
+      step(transform_d<kScaled>(xi, scale), i, left, s0, m0);
+    }
+    *csum = hsum_d(s0 + s1);
+    cdot = d;
+    return hmax_d(vmax_d(m0, m1));
+  };
+  sweep_chunks(n, &run_ref, &run_sum, sweep, [&](int64_t chunk, double r) {
+    if (kKeep) keep->chunk_max[chunk] = r;
+    if (kDot) dot += cdot;
+  });
+  return RowStatsD{run_ref, run_sum, kDot ? hsum_d(dot) : 0.0};
+}
+
+RowStatsD stats_f64(const double* x, int64_t n, double scale, const double* w, bool want_dot,
+                    double ref, RowKeepD* keep) {
+  auto go = [&](auto scaled, auto dot) {
+    constexpr bool kS = decltype(scaled)::value, kD = decltype(dot)::value;
+    return keep != nullptr ? stats_f64_impl<kS, kD, true>(x, n, scale, w, ref, keep)
+                           : stats_f64_impl<kS, kD, false>(x, n, scale, w, ref, nullptr);
+  };
+  using T = BoolTag<true>;
+  using F = BoolTag<false>;
+  if (scale != 1.0) return want_dot ? go(T{}, T{}) : go(T{}, F{});
+  return want_dot ? go(F{}, T{}) : go(F{}, F{});
+}
+
+inline void store_fence() {
+#if defined(XENT_VEC_AVX512) || defined(XENT_VEC_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// A streaming store of one vector to an address aligned to its size (see store_stream).
+inline void store_stream_d(double* p, vd v) {
+#if defined(XENT_VEC_AVX512)
+  _mm512_stream_pd(p, (__m512d)v);
+#elif defined(XENT_VEC_AVX2)
+  _mm256_stream_pd(p, (__m256d)v);
+#else
+  store_d(p, v);
+#endif
+}
+
+// grad_kept_impl for float64.
+template <bool kStream>
+void grad_kept_f64_impl(const RowKeepD& keep, double* g, int64_t n, double scale, double lse,
+                        double a, double b, const double* w, int64_t target, double hot) {
+  const double* e = keep.e;
+  const double bs = b * scale, hs = hot * scale;
+  for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
+    const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
+    const double cm = keep.chunk_max[chunk];
+    const vd f = splat_d(cm == -__builtin_inf() ? 0.0 : a * scale * __builtin_exp(cm - lse));
+    int64_t i = c0;
+    for (; i + WD <= c1; i += WD) {
+      const vd w_bs = w == nullptr ? splat_d(bs) : load_d(w + i) * bs;
+      if (kStream) {
+        store_stream_d(g + i, f * load_d(e + i) - w_bs);
+      } else {
+        store_d(g + i, f * load_d(e + i) - w_bs);
+      }
+    }
+    for (; i < c1; ++i) g[i] = f[0] * e[i] - (w == nullptr ? bs : w[i] * bs);
+  }
+  if (kStream) store_fence();  // the streamed line of the target is written back first
+  if (target >= 0 && target < n) g[target] -= hs;
+}
+
+void grad_kept_f64(const RowKeepD& keep, double* g, int64_t n, double scale, double lse, double a,
+                   double b, const double* w, int64_t target, double hot, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(g) % (W * 4) == 0) {
+    grad_kept_f64_impl<true>(keep, g, n, scale, lse, a, b, w, target, hot);
+  } else {
+    grad_kept_f64_impl<false>(keep, g, n, scale, lse, a, b, w, target, hot);
+  }
+}
+
+void exp_f64_rows(const double* x, double* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + WD <= n; i += WD) store_d(y + i, vexp_d(load_d(x + i)));
+  for (; i < n; ++i) y[i] = vexp_d(load_tail_d(x + i, 1))[0];
+}
+
 }  // namespace
 
 #define XENT_STR2(x) #x
@@ -867,6 +1081,9 @@ const VecKernels table = {XENT_STR(XENT_ISA_NS),
                           &lanes_grad,
                           &map_rows<vexp>,
                           &map_rows<vexp_fast>,
+                          &stats_f64,
+                          &grad_kept_f64,
+                          &exp_f64_rows,
                           &map_rows<vlog>};
 
 }  // namespace XENT_ISA_NS

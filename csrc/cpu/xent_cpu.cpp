@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -93,9 +94,13 @@ void rows_scalar(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
   }
 }
 
-// ---- vectorised path: contiguous rows of float32 / float16 / bfloat16 -----------------------
+// ---- vectorised path: contiguous rows of float32 / float16 / bfloat16 (and float64 rows) -----
 template <typename scalar_t>
 xent_cpu::Dtype vec_dtype();
+template <>
+xent_cpu::Dtype vec_dtype<double>() {
+  return xent_cpu::Dtype::f64;
+}
 template <>
 xent_cpu::Dtype vec_dtype<float>() {
   return xent_cpu::Dtype::f32;
@@ -111,10 +116,44 @@ xent_cpu::Dtype vec_dtype<at::BFloat16>() {
 
 struct LaneBlocks;
 
+// The row kernels by accumulation type: float32 for float32 / float16 / bfloat16 logits,
+// float64 for float64 (whose kernels take no softcap).
+template <typename acc>
+struct VecRow;
+template <>
+struct VecRow<float> {
+  using Keep = xent_cpu::RowKeep;
+  static xent_cpu::RowStats stats(const xent_cpu::VecKernels& k, const void* x, xent_cpu::Dtype dt,
+                                  int64_t n, xent_cpu::VecTransform t, double, const float* w,
+                                  bool dot, float ref, Keep* keep) {
+    return k.stats(x, dt, n, t, w, dot, ref, keep);
+  }
+  static void grad_kept(const xent_cpu::VecKernels& k, const Keep& keep, void* g,
+                        xent_cpu::Dtype dt, int64_t n, float scale, float lse, float a, float b,
+                        const float* w, int64_t t, float hot, bool stream) {
+    k.grad_kept(keep, g, dt, n, scale, lse, a, b, w, t, hot, stream);
+  }
+};
+template <>
+struct VecRow<double> {
+  using Keep = xent_cpu::RowKeepD;
+  static xent_cpu::RowStatsD stats(const xent_cpu::VecKernels& k, const void* x, xent_cpu::Dtype,
+                                   int64_t n, xent_cpu::VecTransform, double scale, const double* w,
+                                   bool dot, double ref, Keep* keep) {
+    return k.stats_f64(static_cast<const double*>(x), n, scale, w, dot, ref, keep);
+  }
+  static void grad_kept(const xent_cpu::VecKernels& k, const Keep& keep, void* g, xent_cpu::Dtype,
+                        int64_t n, double scale, double lse, double a, double b, const double* w,
+                        int64_t t, double hot, bool stream) {
+    k.grad_kept_f64(keep, static_cast<double*>(g), n, scale, lse, a, b, w, t, hot, stream);
+  }
+};
+
 // What the vectorised drivers (one row at a time, rows across lanes, a row split across threads)
-// read from the call: float32 accumulation, contiguous rows of class-index targets.
+// read from the call: contiguous rows of class-index targets, accumulated in acc_t<scalar_t>.
 template <typename scalar_t>
 struct VecDriver {
+  using acc = acc_t<scalar_t>;
   ForwardArgs& a;
   const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
   const xent_cpu::Dtype dt = vec_dtype<scalar_t>();
@@ -123,13 +162,13 @@ struct VecDriver {
   const xent_cpu::VecTransform tr{static_cast<float>(o.logit_scale), static_cast<float>(o.softcap)};
   const scalar_t* X = a.input.const_data_ptr<scalar_t>();
   const int64_t* T = a.target.const_data_ptr<int64_t>();
-  const float* w = a.weight.defined() ? a.weight.const_data_ptr<float>() : nullptr;
+  const acc* w = a.weight.defined() ? a.weight.const_data_ptr<acc>() : nullptr;
   scalar_t* G = a.grad.defined() ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const float s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<float>() : 1.f;
-  const float w_sum = total_of(w, C);
+  const acc s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<acc>() : acc(1);
+  const acc w_sum = total_of(w, C);
   const bool smooth = o.label_smoothing > 0.0;
-  float* loss_out = a.loss_rows.mutable_data_ptr<float>();
-  float* lse_out = a.lse.mutable_data_ptr<float>();
+  acc* loss_out = a.loss_rows.mutable_data_ptr<acc>();
+  acc* lse_out = a.lse.mutable_data_ptr<acc>();
 
   explicit VecDriver(ForwardArgs& args) : a(args) {}
   void rows(int64_t begin, int64_t end, BadTarget& bad);
@@ -145,23 +184,24 @@ void VecDriver<scalar_t>::rows(int64_t begin, int64_t end, BadTarget& bad) {
   // Non-temporal stores only for gradients far larger than the caches: smaller ones are read
   // back soon (by the backward) and are better left in cache.
   const bool stream = keep_exps && a.grad.numel() * a.grad.element_size() >= (int64_t(128) << 20);
-  std::vector<float> scratch(keep_exps ? C + C / xent_cpu::kVecChunk + 1 : 0);
-  xent_cpu::RowKeep keep{scratch.data(), scratch.data() + C};
+  using Row = VecRow<acc>;
+  std::vector<acc> scratch(keep_exps ? C + C / xent_cpu::kVecChunk + 1 : 0);
+  typename Row::Keep keep{scratch.data(), scratch.data() + C};
 
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* x = X + r * C;
     const int64_t t = T[r];
     const bool valid = target_is_valid(t, o, bad);
-    IndexRow<float> ir{};
-    ir.ref = transform_logit(float(x[0]), o);
-    const xent_cpu::RowStats st =
-        k.stats(x, dt, C, tr, w, smooth, ir.ref, keep_exps && valid ? &keep : nullptr);
-    const float lse = ms_lse(MaxSum<float>{st.max, st.sum});
+    IndexRow<acc> ir{};
+    ir.ref = transform_logit(acc(x[0]), o);
+    const auto st = Row::stats(k, x, dt, C, tr, o.logit_scale, w, smooth, ir.ref,
+                               keep_exps && valid ? &keep : nullptr);
+    const acc lse = ms_lse(MaxSum<acc>{st.max, st.sum});
     ir.w_sum = w_sum;
     ir.dot_ref = st.dot_ref;
     if (valid) {
-      ir.w_t = w ? w[t] : 1.f;
-      ir.y_t = transform_logit(float(x[t]), o);
+      ir.w_t = w ? w[t] : acc(1);
+      ir.y_t = transform_logit(acc(x[t]), o);
     }
     loss_out[r] = index_row_loss(ir, lse, valid, o);
     lse_out[r] = lse;
@@ -171,16 +211,20 @@ void VecDriver<scalar_t>::rows(int64_t begin, int64_t end, BadTarget& bad) {
       std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
       continue;
     }
-    const GradCoef<float> gc = index_grad_coef(ir, lse, valid, s, o);
+    const GradCoef<acc> gc = index_grad_coef(ir, lse, valid, s, o);
     if (keep_exps) {
       // gc already carries the gradient scale s; grad_kept's `scale` is T'(x) = logit_scale.
-      k.grad_kept(keep, g, dt, C, tr.scale, lse, gc.a, gc.b, w, t, gc.hot, stream);
+      Row::grad_kept(k, keep, g, dt, C, static_cast<acc>(o.logit_scale), lse, gc.a, gc.b, w, t,
+                     gc.hot, stream);
       continue;
     }
-    const float x_t = float(x[t]);  // read before the sweep overwrites it (in-place gradient)
-    k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
-    // The target element again, from scratch in float: p - 1 rounded once to the dtype.
-    g[t] = static_cast<scalar_t>(grad_element(x_t, lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+    if constexpr (std::is_same_v<acc, float>) {  // softcap: float32 kernels only
+      const float x_t = float(x[t]);  // read before the sweep overwrites it (in-place gradient)
+      k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+      // The target element again, from scratch in float: p - 1 rounded once to the dtype.
+      g[t] =
+          static_cast<scalar_t>(grad_element(x_t, lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+    }
   }
 #if defined(__x86_64__)
   if (stream) _mm_sfence();  // the streaming stores are visible before the task ends
@@ -319,6 +363,43 @@ void VecDriver<scalar_t>::split(int64_t slices, BadTarget& bad) {
   });
 }
 
+// How forward_cpu_kernel splits the work: the vectorised drivers it may use.
+struct VecPlan {
+  int64_t rows, grain, split;
+  bool vec_ok, use_lanes;
+  LaneBlocks lb;
+};
+
+// Runs the vectorised driver the plan calls for; false: none applies (the scalar path runs).
+// A function template, so that the drivers a dtype never takes are never instantiated.
+template <typename scalar_t>
+bool run_vectorised(ForwardArgs& a, const VecPlan& p, BadTarget& bad) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    // float64: contiguous rows without softcap (short and K-dim rows, and fewer rows than
+    // threads, stay on the scalar path).
+    if (!p.vec_ok || p.lb.S != 1 || a.opt.softcap > 0.0 || p.use_lanes || p.split > 1) {
+      return false;
+    }
+  } else {
+    if (p.split > 1) {
+      VecDriver<scalar_t>(a).split(p.split, bad);
+      return true;
+    }
+    if (p.use_lanes) {
+      const int64_t grain_blocks = std::max<int64_t>(1, p.grain / p.lb.W);
+      at::parallel_for(0, p.lb.count(), grain_blocks, [&](int64_t begin, int64_t end) {
+        VecDriver<scalar_t>(a).blocks(p.lb, begin, end, bad);
+      });
+      return true;
+    }
+    if (!p.vec_ok) return false;
+  }
+  at::parallel_for(0, p.rows, p.grain, [&](int64_t begin, int64_t end) {
+    VecDriver<scalar_t>(a).rows(begin, end, bad);
+  });
+  return true;
+}
+
 void forward_cpu_kernel(ForwardArgs& a) {
   const int64_t rows = a.input.size(0) * a.input.size(2);
   const int64_t C = a.input.size(1);
@@ -334,28 +415,11 @@ void forward_cpu_kernel(ForwardArgs& a) {
       vec_ok && S == 1 && !(a.opt.softcap > 0.0) && rows < threads && C >= 4 * xent_cpu::kVecChunk
           ? (threads + rows - 1) / rows
           : 1;
+  const VecPlan plan{rows, grain, split, vec_ok, use_lanes, lb};
   BadTarget bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.input.scalar_type(), "xent_forward_cpu", [&] {
-        if constexpr (!std::is_same_v<scalar_t, double>) {
-          if (split > 1) {
-            VecDriver<scalar_t>(a).split(split, bad);
-            return;
-          }
-          if (use_lanes) {
-            const int64_t grain_blocks = std::max<int64_t>(1, grain / lb.W);
-            at::parallel_for(0, lb.count(), grain_blocks, [&](int64_t begin, int64_t end) {
-              VecDriver<scalar_t>(a).blocks(lb, begin, end, bad);
-            });
-            return;
-          }
-          if (vec_ok) {
-            at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-              VecDriver<scalar_t>(a).rows(begin, end, bad);
-            });
-            return;
-          }
-        }
+        if (run_vectorised<scalar_t>(a, plan, bad)) return;
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           rows_scalar<scalar_t>(a, begin, end, bad);
         });
