@@ -3,11 +3,17 @@ and nvcc is found (no GPU is needed to compile them).
 
 Knobs (environment variables):
   XENT_FORCE_CPU=1        build without CUDA even where it could be built
+  XENT_REQUIRE_CUDA=1     fail instead of building CPU-only when CUDA cannot be built (CI)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0": A100 and H100/H200)
   MAX_JOBS                parallel compile jobs (read by torch's build helper)
 
-Build with `pip install --no-build-isolation -e .`: build isolation would install a second
-torch into a throw-away environment and compile against it.
+Build with `pip install --no-build-isolation -e .` against the torch already installed: the
+extension links against that torch's libraries, so it must be compiled with it (build isolation
+would look for torch in an empty build environment and fail).
+
+Builds are incremental: objects live in build/temp.<platform>/ (also for editable installs,
+whose default is a fresh temporary directory per build) and ninja recompiles only the sources
+whose text, included headers or flags changed.
 """
 
 import os
@@ -15,6 +21,23 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def _torch_or_explain():
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.exit(
+            "xent_ext: building needs PyTorch in the same environment, and none is installed.\n"
+            "  Install it first, then build against it without build isolation:\n"
+            "    pip install torch\n"
+            "    pip install --no-build-isolation .\n"
+            "  (pip's default build isolation hides the installed torch from the build.)"
+        )
+    return torch
 
 
 def _locate_cuda_home() -> None:
@@ -29,8 +52,7 @@ def _locate_cuda_home() -> None:
 
 
 _locate_cuda_home()
-
-import torch  # noqa: E402
+torch = _torch_or_explain()
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,
@@ -38,20 +60,55 @@ from torch.utils.cpp_extension import (  # noqa: E402
     CUDAExtension,
 )
 
-ROOT = Path(__file__).parent
-CSRC = ROOT / "csrc"
-
 
 def want_cuda() -> bool:
     if os.environ.get("XENT_FORCE_CPU", "0") == "1":
         return False
     # Decided from the toolchain, never from torch.cuda.is_available(): CI compiles the CUDA
     # sources on machines without a GPU.
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    ok = torch.version.cuda is not None and CUDA_HOME is not None
+    if not ok and os.environ.get("XENT_REQUIRE_CUDA", "0") == "1":
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found"
+        sys.exit(f"xent_ext: XENT_REQUIRE_CUDA=1 but the CUDA sources cannot be built: {why} "
+                 "(set CUDA_HOME to the toolkit)")
+    return ok
 
 
 def sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
+
+
+def torch_release() -> str:
+    """X.Y.Z of the torch we compile against (no local suffix such as +cu130)."""
+    return torch.__version__.split("+")[0]
+
+
+class IncrementalBuildExtension(BuildExtension):
+    """torch's ninja build with a persistent object directory: setuptools' editable install
+    would otherwise compile every source again in a new temporary directory."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        plat = f"{sys.platform}-{sys.implementation.cache_tag}"
+        self.build_temp = str(ROOT / "build" / f"temp.{plat}")
+
+    def run(self):
+        write_build_info(with_cuda)
+        super().run()
+
+
+def write_build_info(cuda: bool) -> None:
+    """xent_ext/_build_info.py: what this build was compiled against, read at import time (an
+    extension built against one torch fails obscurely, or crashes, under another)."""
+    text = (
+        "# Written by setup.py at build time; not under version control.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda if cuda else None!r}\n"
+        f"CUDA_ARCHS = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if cuda else ''!r}\n"
+    )
+    path = ROOT / "xent_ext" / "_build_info.py"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 # The C++ standard is left to torch (C++17 or C++20, by version).
@@ -65,9 +122,17 @@ if sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 srcs = sources("*.cpp") + sources("cpu/*.cpp")
-ext_kwargs: dict = {"extra_compile_args": {"cxx": cxx_flags}, "extra_link_args": link_flags}
+# Headers too: setuptools skips the whole extension when no listed file is newer than it, so an
+# edit to a header alone would otherwise never reach ninja (which tracks includes itself).
+headers = sources("**/*.h") + sources("**/*.cuh")
+ext_kwargs: dict = {
+    "extra_compile_args": {"cxx": cxx_flags},
+    "extra_link_args": link_flags,
+    "depends": headers,
+}
 
-if want_cuda():
+with_cuda = want_cuda()
+if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     srcs += sources("cuda/*.cu")
     ext_kwargs["extra_compile_args"]["cxx"] += ["-DXENT_WITH_CUDA"]
@@ -87,11 +152,12 @@ else:
 
 setup(
     name="xent_ext",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused cross-entropy for PyTorch: loss and gradient in one pass",
     packages=find_packages(include=["xent_ext", "xent_ext.*"]),
     ext_modules=[Extension("xent_ext._C", srcs, **ext_kwargs)],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": IncrementalBuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    # The binary links against this torch's C++ libraries: another release cannot load it.
+    install_requires=[f"torch=={torch_release()}"],
 )
