@@ -46,6 +46,14 @@ def cpu_isa(request):
     xent_ext.set_cpu_isa("auto")
 
 
+@pytest.fixture(scope="session")
+def emu():
+    """The CUDA kernels compiled for the host against the emulation runtime (tests/emu_support)."""
+    from .emu_support import build_emulation
+
+    return build_emulation()
+
+
 def random_logits(shape, dtype, device, scale=3.0, generator=None) -> torch.Tensor:
     x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale
     return x.to(dtype).to(device)

@@ -30,6 +30,17 @@ import torch.nn.functional as F
 
 import xent_ext
 
+from .emu_support import (
+    DTYPES,
+    H100,
+    RED,
+    SHAPES,
+    TOL,
+    emu_forward,
+)
+from .emu_support import assert_close_nan as _assert_close
+from .emu_support import emu_data as _data
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
@@ -219,85 +230,6 @@ def test_sass_pattern_matches_known_spellings():
 # 2. The kernels run on the CPU emulation.
 # ---------------------------------------------------------------------------------------------
 
-RED = {"none": 0, "mean": 1, "sum": 2}
-# An H100-like device by default; the tests shrink it to reach the other regimes.
-H100 = {"sms": 132, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    if not is_ninja_available():
-        pytest.skip("ninja is needed to build the emulation (pip install ninja)")
-    build = tmp_path_factory.mktemp("xent_emu")
-    try:
-        return load(name="xent_emu",
-                    sources=[str(ROOT / "csrc/cuda/emu/xent_emu.cpp"),
-                             str(ROOT / "csrc/xent_forward.cpp"),
-                             str(ROOT / "csrc/cpu/buffer_cache.cpp")],
-                    extra_cflags=["-O1", "-DXENT_CUDA_EMULATION=1"],
-                    build_directory=str(build), verbose=False)
-    except (OSError, RuntimeError) as e:
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip(f"no C++ compiler to build the emulation: {e}")
-        raise
-
-
-def emu_forward(emu, x, t, weight=None, reduction="mean", ignore_index=-100, ls=0.0,
-                logit_scale=1.0, softcap=0.0, z_loss=0.0, grad=True, regime="auto", dev=H100,
-                inplace=False):
-    """cross_entropy_fwd through the emulated CUDA path; x is (N, C, S)."""
-    return emu.forward(x, t, weight, RED[reduction], ignore_index, ls, logit_scale, softcap,
-                       z_loss, grad, regime, dev["sms"], dev["smem_optin"], dev["smem_per_sm"],
-                       inplace)
-
-
-def _assert_close(actual, expected, tol, what):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN pattern differs"
-    fin = torch.isfinite(expected)
-    assert torch.equal(actual[~fin & ~expected.isnan()], expected[~fin & ~expected.isnan()]), (
-        f"{what}: infinities differ")
-    if fin.any():
-        scale = max(1.0, expected[fin].abs().max().item())
-        err = (actual[fin] - expected[fin]).abs().max().item()
-        assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3g}"
-
-
-def _data(n, c, s, dtype, seed, offset=0):
-    g = torch.Generator().manual_seed(seed)
-    flat = (torch.randn(n * c * s + offset, generator=g, dtype=torch.float64) * 3).to(dtype)
-    x = flat[offset:].view(n, c, s)
-    t = torch.randint(0, c, (n, s), generator=g)
-    q = torch.softmax(torch.randn(n, c, s, generator=g, dtype=torch.float64), 1).to(dtype)
-    wdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(wdt)
-    return x, t, q, w
-
-
-# (name, N, C, S, regime forced, device, regimes the plan may pick (by dtype))
-SHAPES = [
-    ("group8", 9, 10, 1, "group", H100, ("group",)),  # rows this short are strided unforced
-    ("group32", 7, 100, 1, "group", H100, ("group",)),
-    ("strided-short-rows", 9, 100, 1, "auto", H100, ("strided",)),
-    ("group32x4", 5, 480, 1, "auto", H100, ("group", "block")),  # f32: 4 items per lane
-    ("group32x4h", 5, 1000, 1, "auto", H100, ("group", "block")),  # 16-bit: 4 items per lane
-    ("block", 5, 3001, 1, "auto", H100, ("block",)),
-    ("block-partial-cache", 3, 4099, 1, "block", dict(H100, smem_optin=6144), ("block",)),
-    ("split", 3, 20001, 1, "split", dict(H100, sms=8), ("split",)),
-    # One SM: a few resident blocks walk many rows each (the group regime stages the next row
-    # while working on the current one; the block regime reuses its cache row after row).
-    ("group8-many-rows", 300, 10, 1, "group", dict(H100, sms=1), ("group",)),
-    ("group32x4-many-rows", 90, 1000, 1, "auto", dict(H100, sms=1), ("group", "block")),
-    ("block-many-rows", 40, 3001, 1, "auto", dict(H100, sms=1), ("block",)),
-    ("kdim-transposed", 2, 600, 3, "auto", H100, ("group", "block")),
-    ("strided-rows", 5, 37, 1, "strided", H100, ("strided",)),  # forced on contiguous rows
-    ("strided", 3, 7, 5, "auto", H100, ("strided",)),
-]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])

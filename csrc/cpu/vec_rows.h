@@ -20,9 +20,10 @@ struct VecTransform {
 };
 
 struct RowStats {
-  float max;      // a reference value: max_j y_j or up to 64 below it (lse = max + log(sum))
-  float sum;      // sum_j exp(y_j - max)
-  float dot_ref;  // sum_j w_j (y_j - ref) when asked for, else 0
+  float max;    // a reference value: max_j y_j or up to 64 below it (lse = max + log(sum))
+  float sum;    // sum_j exp(y_j - max)
+  float dot;    // sum_j w_j (y_j - max) when asked for, else 0 (-inf entries: w_j * -inf)
+  float w_sum;  // sum_j w_j over the elements swept, when the dot is asked for, else 0
 };
 
 // Rows are processed in chunks of this many elements (8 KiB of float32): small enough that a
@@ -39,7 +40,8 @@ struct RowKeep {
 struct RowStatsD {
   double max;
   double sum;
-  double dot_ref;
+  double dot;
+  double w_sum;
 };
 struct RowKeepD {
   double* e;
@@ -70,10 +72,13 @@ struct LaneCoefs {
 };
 
 // What the lane kernels return per lane: the row's loss (0 for a row that is not valid), its
-// log-sum-exp, and its gradient coefficients (xent_row.h's GradCoef, all 0 when not valid).
+// log-sum-exp, the reference its exps are taken against, and its gradient coefficients
+// (xent_row.h's GradCoef; for a row that is not valid a is 0 * exp(-log_sum), NaN where the
+// row's log-probabilities are, and b, hot are 0).
 struct LaneOut {
   float* loss;
   float* lse;
+  float* ref;
   float* a;
   float* b;
   float* hot;
@@ -84,18 +89,18 @@ struct VecKernels {
   int width;  // float32 lanes per vector
   // One pass over a contiguous row of n logits: chunk by chunk, its max and its sum of exps
   // relative to a reference that lags the max by at most 64 (one exp per element; a chunk is
-  // swept twice only when the reference must rise by more).  With want_dot, also
-  // the weighted sum of (y_j - ref); w == nullptr means unit weights.  With keep (ignored when
-  // softcap is on), the exps are kept for grad_kept.
+  // swept twice only when the reference must rise by more).  With want_dot, also the weighted
+  // sum of (y_j - reference) and of the weights; w == nullptr means unit weights.  With keep
+  // (ignored when softcap is on), the exps are kept for grad_kept.
   RowStats (*stats)(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w,
-                    bool want_dot, float ref, RowKeep* keep);
-  // g_j = (a * exp(y_j - lse) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
-  void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a,
+                    bool want_dot, RowKeep* keep);
+  // g_j = (a * exp(y_j - ref) - b * w_j) * T'(x_j), computed in float, rounded to dt once.
+  void (*grad)(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float ref, float a,
                float b, const float* w);
   // The same gradient from the exps kept by stats (no softcap): no exp per element; also
   // subtracts `hot` at index `target` (-1: none).  stream: non-temporal stores, after which
   // the caller must issue a store fence (_mm_sfence) before the data is used.
-  void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse,
+  void (*grad_kept)(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float ref,
                     float a, float b, const float* w, int64_t target, float hot, bool stream);
   // Per lane (arrays of `width`): the loss, log-sum-exp and gradient coefficients of the row,
   // given its target (-1 where the row is ignored or its target out of range).  With ybuf
@@ -103,9 +108,9 @@ struct VecKernels {
   // into it once, and lanes_grad reads them back.
   void (*lanes_stats)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
                       const LaneCoefs& c, const int32_t* target, float* ybuf, const LaneOut& out);
-  // g(l, j) = (a[l] exp(y - lse[l]) - b[l] w_j - [j == target[l]] hot[l]) T'(x), rounded once.
+  // g(l, j) = (a[l] exp(y - ref[l]) - b[l] w_j - [j == target[l]] hot[l]) T'(x), rounded once.
   void (*lanes_grad)(const LaneBlock& b, Dtype dt, VecTransform t, const float* w,
-                     const float* ybuf, const float* lse, const float* a, const float* bw,
+                     const float* ybuf, const float* ref, const float* a, const float* bw,
                      const float* hot, const int32_t* target);
   // y = exp(x) with the kernels' own vector exp (exposed so its accuracy can be tested).
   void (*exp)(const float* x, float* y, int64_t n);
@@ -114,8 +119,8 @@ struct VecKernels {
   // float64 rows (contiguous, y = scale * x, no softcap): the same one-sweep statistics and
   // gradient from the kept exps, in float64 throughout.
   RowStatsD (*stats_f64)(const double* x, int64_t n, double scale, const double* w, bool want_dot,
-                         double ref, RowKeepD* keep);
-  void (*grad_kept_f64)(const RowKeepD& keep, double* g, int64_t n, double scale, double lse,
+                         RowKeepD* keep);
+  void (*grad_kept_f64)(const RowKeepD& keep, double* g, int64_t n, double scale, double ref,
                         double a, double b, const double* w, int64_t target, double hot,
                         bool stream);
   // y = exp(x) with the float64 vector exp (x <= 700; for accuracy tests).

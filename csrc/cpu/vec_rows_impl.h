@@ -476,7 +476,8 @@ constexpr float kRefSlack = 64.f;
 // elements [c0, c1) against the reference r and returns their max; when that max lies more
 // than kRefSlack above the reference (or above a -inf one), the reference rises to it, the
 // sum so far is rescaled and the chunk swept again.  done(chunk, r) then takes what the last
-// sweep of the chunk left (its dot terms, the reference its kept exps are relative to).
+// sweep of the chunk left (its dot terms, the reference its kept exps are relative to).  The
+// reference never falls, so the chunks' references rise from one chunk to the next.
 template <typename T, typename Sweep, typename Done>
 void sweep_chunks(int64_t n, T* run_ref, T* run_sum, Sweep&& sweep, Done&& done) {
   const T ninf = -__builtin_inf();
@@ -494,37 +495,64 @@ void sweep_chunks(int64_t n, T* run_ref, T* run_sum, Sweep&& sweep, Done&& done)
   }
 }
 
+// A row's smoothing sums, sum_j w_j (y_j - ref) and sum_j w_j, from its chunks' (each relative to
+// its chunk's reference r, which only rises): kept relative to the latest r and moved by
+// w * (r_old - r_new) when it rises; terms taken while r was -inf (w_j * -inf) need no move.
+// The chunk-level form of xent_row.h's DotAcc / dot_move (this file includes no library header).
+template <typename T>
+struct ChunkDots {
+  T ref = -__builtin_inf();
+  T dot = 0;
+  T w = 0;
+  void add(T r, T chunk_dot, T chunk_w) {
+    if (r != ref) {
+      if (ref != -__builtin_inf()) dot += w * (ref - r);
+      ref = r;
+    }
+    dot += chunk_dot;
+    w += chunk_w;
+  }
+};
+
 // One sweep over each chunk: its exps against the row's current reference (a value of the
 // row seen so far, so never above its max), and its max.  Only when the chunk's max exceeds
 // the reference by more than kRefSlack (the first chunk of a row that starts far below its
 // max, a sudden jump) is the reference raised to it, the sum so far rescaled and the chunk,
 // now in L1, swept again.  The log-sum-exp is reference + log(sum), whatever the reference.
-// kDot: also sum w_j (y_j - ref).  kKeep: also store exp(y_j - reference) and each chunk's
-// reference, so that the gradient pass needs no second exp (plain transform only).
+// kDot: also sum_j w_j (y_j - reference) and sum_j w_j, relative to the final reference (each
+// chunk's terms against its own reference, the difference the exp takes anyway; ChunkDots moves
+// them).  kKeep: also store exp(y_j - reference) and each chunk's reference, so that the gradient
+// pass needs no second exp (plain transform only).
 template <Dtype D, Tf K, bool kDot, bool kKeep>
-RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, float ref,
-                    RowKeep* keep) {
+RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, RowKeep* keep) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
   const float ninf = -__builtin_inff();
   // The first logit as the first reference: within kRefSlack of the max for most rows.
   float run_ref = n > 0 ? transform<K>(load_any<D>(x, n), t)[0] : ninf;
   float run_sum = 0.f;
-  vf dot = splat(0.f);
+  ChunkDots<float> dots;
   const vi lane = iota();
   // Sweeps [c0, c1) against r: returns its max, its sum of exps in *csum, its dot terms in
-  // cdot.  With r = -inf, +inf is subtracted instead: exps of 0 (and a NaN kept), where
-  // exp(-inf - -inf) would be NaN.
+  // cdot and its weights in cw.  With r = -inf, +inf is subtracted instead: exps of 0 (and a
+  // NaN kept), where exp(-inf - -inf) would be NaN; a chunk swept so is all -inf (or it is swept
+  // again), and its dot terms are w_j * -inf, as they must be.
   vf cdot;
+  float cw = 0.f;
   auto sweep = [&](int64_t c0, int64_t c1, float r, float* csum) {
     const vf mv = splat(r != ninf ? r : __builtin_inff());
     vf s0 = splat(0.f), s1 = splat(0.f), m0 = splat(ninf), m1 = splat(ninf);
-    vf d = splat(0.f);
+    vf d = splat(0.f), dw = splat(0.f);
     auto step_y = [&](vf y, int64_t at, vf& acc, vf& mx) {
       mx = vmax(mx, y);
-      const vf e = vexp_fast(y - mv);
+      const vf z = y - mv;
+      const vf e = vexp_fast(z);
       acc += e;
       if (kKeep) Io<Dtype::f32>::store(keep->e + at, e);
-      if (kDot) d += load_w(w, at, W) * (y - ref);
+      if (kDot) {
+        const vf wv = load_w(w, at, W);
+        d += wv * z;
+        if (w != nullptr) dw += wv;
+      }
     };
     auto step = [&](int64_t at, vf& acc, vf& mx) {
       step_y(transform<K>(Io<D>::load(x + at), t), at, acc, mx);
@@ -560,28 +588,31 @@ RowStats stats_impl(const void* xv, int64_t n, VecTransform t, const float* w, f
       s1 += e;
       if (kKeep) store_tail_f32(keep->e + i, e, left);
       if (kDot) {
-        const vf dd = load_w(w, i, left) * (y - ref);
-        d += lane < static_cast<int32_t>(left) ? dd : splat(0.f);
+        const vf wv = load_w(w, i, left);  // 0 past the row
+        const vi in_row = lane < static_cast<int32_t>(left);
+        d += in_row ? wv * (y - mv) : splat(0.f);
+        if (w != nullptr) dw += wv;
       }
     }
     *csum = hsum(s0 + s1);
     cdot = d;
+    if (kDot) cw = w != nullptr ? hsum(dw) : static_cast<float>(c1 - c0);
     return hmax(vmax(m0, m1));
   };
   sweep_chunks(n, &run_ref, &run_sum, sweep, [&](int64_t chunk, float r) {
     if (kKeep) keep->chunk_max[chunk] = r;
-    if (kDot) dot += cdot;
+    if (kDot) dots.add(r, hsum(cdot), cw);
   });
   // A NaN logit is invisible to max but not to exp(NaN - reference): the sum carries it.
-  return RowStats{run_ref, run_sum, kDot ? hsum(dot) : 0.f};
+  return RowStats{run_ref, run_sum, kDot ? dots.dot : 0.f, kDot ? dots.w : 0.f};
 }
 
 template <Dtype D, Tf K>
-void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, float a, float b,
+void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float ref, float a, float b,
                const float* w) {
   const auto* x = static_cast<const typename Io<D>::elem*>(xv);
   auto* g = static_cast<typename Io<D>::elem*>(gv);
-  const vf lv = splat(lse);
+  const vf lv = splat(ref);
   for (int64_t i = 0; i < n; i += W) {
     const int64_t left = n - i;
     const vf xi = load_any<D>(x + i, left);
@@ -597,20 +628,21 @@ void grad_impl(const void* xv, void* gv, int64_t n, VecTransform t, float lse, f
   }
 }
 
-// The gradient from the exps a stats pass kept: p_j = e_j * exp(chunk_max - lse), minus `hot`
-// at the target, all in float before the one rounding.  `stream`: non-temporal stores (for
-// gradients larger than the caches; the caller fences once at the end of its task).
-// One vector of that gradient: f e_j - bs w_j, minus hs at the target lane (if it is here).
+// One vector of the gradient from kept exps: f e_j - bs w_j, minus hs at the target lane (if it
+// is here).
 inline vf kept_vector(vf f, vf e, vf w_bs, int64_t target_lane, float hs) {
   const vf gi = f * e - w_bs;
   if (static_cast<uint64_t>(target_lane) >= static_cast<uint64_t>(W)) return gi;
   return gi - (iota() == static_cast<int32_t>(target_lane) ? splat(hs) : splat(0.f));
 }
 
-// The main loop has no call and no ragged tail in it (a call would make the compiler reload
-// every vector constant at each step); the last n % W elements go through buffers after it.
+// The gradient from the exps a stats pass kept: a p_j = a e_j * exp(chunk_max - ref) (a carries
+// 1 / sum), minus `hot` at the target, all in float before the one rounding.  `stream`:
+// non-temporal stores (for gradients larger than the caches; the caller fences once at the end of
+// its task).  The main loop has no call and no ragged tail in it (a call would make the compiler
+// reload every vector constant at each step); the last n % W elements go through buffers after it.
 template <Dtype D, bool kStream>
-void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float lse, float a,
+void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float ref, float a,
                     float b, const float* w, int64_t target, float hot) {
   auto* g = static_cast<typename Io<D>::elem*>(gv);
   const float* e = keep.e;  // local copies: the stores through g cannot alias them
@@ -618,7 +650,7 @@ void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float
   const float bs = b * scale, hs = hot * scale;
   auto factor = [&](int64_t chunk) {
     const float cm = chunk_max[chunk];
-    return splat(cm == -__builtin_inff() ? 0.f : a * scale * scalar_exp(cm - lse));
+    return splat(cm == -__builtin_inff() ? 0.f : a * scale * scalar_exp(cm - ref));
   };
   const int64_t full = n / W * W;
   for (int64_t c0 = 0, chunk = 0; c0 < full; c0 += kVecChunk, ++chunk) {
@@ -646,73 +678,71 @@ void grad_kept_impl(const RowKeep& keep, void* gv, int64_t n, float scale, float
 }
 
 template <Dtype D>
-void grad_kept_dt(const RowKeep& keep, void* g, int64_t n, float scale, float lse, float a, float b,
+void grad_kept_dt(const RowKeep& keep, void* g, int64_t n, float scale, float ref, float a, float b,
                   const float* w, int64_t target, float hot, bool stream) {
   // Streaming stores need W-element alignment (rows of odd length start anywhere).
   if (stream && reinterpret_cast<uintptr_t>(g) % (W * sizeof(typename Io<D>::elem)) == 0) {
-    grad_kept_impl<D, true>(keep, g, n, scale, lse, a, b, w, target, hot);
+    grad_kept_impl<D, true>(keep, g, n, scale, ref, a, b, w, target, hot);
   } else {
-    grad_kept_impl<D, false>(keep, g, n, scale, lse, a, b, w, target, hot);
+    grad_kept_impl<D, false>(keep, g, n, scale, ref, a, b, w, target, hot);
   }
 }
 
 template <Dtype D, Tf K, bool kDot>
-RowStats stats_keep(const void* x, int64_t n, VecTransform t, const float* w, float ref,
-                    RowKeep* keep) {
-  if (K != Tf::capped && keep != nullptr)
-    return stats_impl<D, K, kDot, true>(x, n, t, w, ref, keep);
-  return stats_impl<D, K, kDot, false>(x, n, t, w, ref, nullptr);
+RowStats stats_keep(const void* x, int64_t n, VecTransform t, const float* w, RowKeep* keep) {
+  if (K != Tf::capped && keep != nullptr) return stats_impl<D, K, kDot, true>(x, n, t, w, keep);
+  return stats_impl<D, K, kDot, false>(x, n, t, w, nullptr);
 }
 
 template <Dtype D>
 RowStats stats_dt(const void* x, int64_t n, VecTransform t, const float* w, bool want_dot,
-                  float ref, RowKeep* keep) {
+                  RowKeep* keep) {
   return with_tf(t, [&](auto tf) {
     constexpr Tf K = decltype(tf)::value;
-    return want_dot ? stats_keep<D, K, true>(x, n, t, w, ref, keep)
-                    : stats_keep<D, K, false>(x, n, t, w, ref, keep);
+    return want_dot ? stats_keep<D, K, true>(x, n, t, w, keep)
+                    : stats_keep<D, K, false>(x, n, t, w, keep);
   });
 }
 
 RowStats stats(const void* x, Dtype dt, int64_t n, VecTransform t, const float* w, bool want_dot,
-               float ref, RowKeep* keep) {
+               RowKeep* keep) {
   switch (dt) {
     case Dtype::f16:
-      return stats_dt<Dtype::f16>(x, n, t, w, want_dot, ref, keep);
+      return stats_dt<Dtype::f16>(x, n, t, w, want_dot, keep);
     case Dtype::bf16:
-      return stats_dt<Dtype::bf16>(x, n, t, w, want_dot, ref, keep);
+      return stats_dt<Dtype::bf16>(x, n, t, w, want_dot, keep);
     default:
-      return stats_dt<Dtype::f32>(x, n, t, w, want_dot, ref, keep);
+      return stats_dt<Dtype::f32>(x, n, t, w, want_dot, keep);
   }
 }
 
 template <Dtype D>
-void grad_dt(const void* x, void* g, int64_t n, VecTransform t, float lse, float a, float b,
+void grad_dt(const void* x, void* g, int64_t n, VecTransform t, float ref, float a, float b,
              const float* w) {
-  with_tf(t, [&](auto tf) { grad_impl<D, decltype(tf)::value>(x, g, n, t, lse, a, b, w); });
+  with_tf(t, [&](auto tf) { grad_impl<D, decltype(tf)::value>(x, g, n, t, ref, a, b, w); });
 }
 
-void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float lse, float a, float b,
+void grad(const void* x, void* g, Dtype dt, int64_t n, VecTransform t, float ref, float a, float b,
           const float* w) {
   switch (dt) {
     case Dtype::f16:
-      return grad_dt<Dtype::f16>(x, g, n, t, lse, a, b, w);
+      return grad_dt<Dtype::f16>(x, g, n, t, ref, a, b, w);
     case Dtype::bf16:
-      return grad_dt<Dtype::bf16>(x, g, n, t, lse, a, b, w);
+      return grad_dt<Dtype::bf16>(x, g, n, t, ref, a, b, w);
     default:
-      return grad_dt<Dtype::f32>(x, g, n, t, lse, a, b, w);
+      return grad_dt<Dtype::f32>(x, g, n, t, ref, a, b, w);
   }
 }
 
-void grad_kept(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float lse, float a,
+void grad_kept(const RowKeep& keep, void* g, Dtype dt, int64_t n, float scale, float ref, float a,
                float b, const float* w, int64_t target, float hot, bool stream) {
   switch (dt) {
     case Dtype::f16:
-      return grad_kept_dt<Dtype::f16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::f16>(keep, g, n, scale, ref, a, b, w, target, hot, stream);
     case Dtype::bf16:
-      return grad_kept_dt<Dtype::bf16>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::bf16>(keep, g, n, scale, ref, a, b, w, target, hot, stream);
     default:
-      return grad_kept_dt<Dtype::f32>(keep, g, n, scale, lse, a, b, w, target, hot, stream);
+      return grad_kept_dt<Dtype::f32>(keep, g, n, scale, ref, a, b, w, target, hot, stream);
   }
 }
 
@@ -778,56 +808,73 @@ void lanes_stats_impl(const LaneBlock& b, VecTransform t, const float* w, const 
   const float ninf = -__builtin_inff();
   const vf rv = lanes_y<D, K>(b, 0, t, ybuf);
   // One pass over the classes, as the row sweep: exps against each lane's first logit (+inf
-  // where that is -inf: exps of 0, not exp(-inf - -inf) = NaN), the max on the way.  The
-  // target's logit and weight are picked up too (no gather): lanes whose target is -1 never
-  // match and keep 0.
+  // where that is -inf: exps of 0, not exp(-inf - -inf) = NaN), the max on the way, and the
+  // smoothing sum relative to the same reference.  The target's logit and weight are picked up
+  // too (no gather): lanes whose target is -1 never match and keep 0.
   vf ref = rv == ninf ? splat(__builtin_inff()) : rv;
   vf m = splat(ninf), sum = splat(0.f), dot = splat(0.f), y_t = splat(0.f), w_t = splat(0.f);
   for (int64_t j = 0; j < C; ++j) {
     const vf y = lanes_y<D, K>(b, j, t, ybuf);
     const float wj = w ? w[j] : 1.f;
     m = vmax(m, y);
-    sum += vexp_fast(y - ref);
-    if (c.smooth) dot += wj * (y - rv);
+    const vf z = y - ref;
+    sum += vexp_fast(z);
+    if (c.smooth) dot += wj * z;
     const vi hit = tv == static_cast<int32_t>(j);
     y_t = hit ? y : y_t;
     w_t = hit ? splat(wj) : w_t;
   }
   // Lanes whose max lies more than kRefSlack above their first logit (or above a first -inf):
-  // the whole block's exps again, against each lane's max.  Rare: a row must start far below
-  // its max.
+  // the whole block's exps (and smoothing sums) again, against each lane's max.  Rare: a row
+  // must start far below its max.
   const vi redo = (m > rv) & ((rv == ninf) | (m - rv > kRefSlack));
   int any_redo = 0;
   for (int l = 0; l < W; ++l) any_redo |= redo[l];
   if (any_redo) {
     ref = redo ? m : ref;
     sum = splat(0.f);
-    for (int64_t j = 0; j < C; ++j) sum += vexp_fast(lanes_y<D, K>(b, j, t, ybuf) - ref);
+    dot = splat(0.f);
+    for (int64_t j = 0; j < C; ++j) {
+      const vf z = lanes_y<D, K>(b, j, t, ybuf) - ref;
+      sum += vexp_fast(z);
+      if (c.smooth) dot += (w ? w[j] : 1.f) * z;
+    }
   }
-  // An all -inf lane has lse -inf (m); a NaN logit reaches lse through the sum.
-  const vf lse = m != ninf ? ref + vlog(sum) : m;
+  // The normaliser, xent_row.h's RowNorm lane by lane: an all -inf lane has reference and
+  // log_sum -inf (its loss and gradient come out NaN, as torch's); a NaN or +inf logit reaches
+  // log_sum through the sum.
+  const vi dead = m == ninf;
+  ref = dead ? m : ref;
+  const vf log_sum = dead ? m : vlog(sum);
+  const vf lse = ref + log_sum;
   // xent_row.h, index_row_loss and index_grad_coef, lane by lane.
   const vi valid = tv >= 0;
-  vf loss = c.one_minus_eps * w_t * (lse - y_t);
-  vf big_a = c.one_minus_eps * w_t + c.eps_per_class * c.w_sum;
-  if (c.smooth) loss += c.eps_per_class * (c.w_sum * (lse - rv) - dot);
+  vf loss = c.one_minus_eps * w_t * ((ref - y_t) + log_sum);
+  vf big_a = c.one_minus_eps * w_t;
+  if (c.smooth) {
+    loss += c.eps_per_class * (c.w_sum * log_sum - dot);
+    big_a += c.eps_per_class * c.w_sum;
+  }
   if (c.z_loss > 0.f) {
     loss += c.z_loss * lse * lse;
     big_a += 2.f * c.z_loss * lse;
   }
+  // 1 / sum; an ignored lane keeps 0 * (1 / sum), NaN where its log-probabilities are.
+  const vf inv_sum = vexp_fast(-log_sum);
   const vf zero = splat(0.f);
   Io<Dtype::f32>::store(out.loss, valid ? loss : zero);
   Io<Dtype::f32>::store(out.lse, lse);
-  Io<Dtype::f32>::store(out.a, valid ? c.scale * big_a : zero);
+  Io<Dtype::f32>::store(out.ref, ref);
+  Io<Dtype::f32>::store(out.a, (valid ? c.scale * big_a : zero) * inv_sum);
   Io<Dtype::f32>::store(out.b, valid ? splat(c.scale * c.eps_per_class) : zero);
   Io<Dtype::f32>::store(out.hot, valid ? c.scale * c.one_minus_eps * w_t : zero);
 }
 
 template <Dtype D, Tf K>
 void lanes_grad_impl(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
-                     const float* lse, const float* a, const float* bw, const float* hot,
+                     const float* ref, const float* a, const float* bw, const float* hot,
                      const int32_t* target) {
-  const vf lv = load_f32(lse), av = load_f32(a), bv = load_f32(bw), hv = load_f32(hot);
+  const vf lv = load_f32(ref), av = load_f32(a), bv = load_f32(bw), hv = load_f32(hot);
   const vi tv = load_i32(target);
   for (int64_t j = 0; j < b.num_classes; ++j) {
     const vf onehot = tv == static_cast<int32_t>(j) ? hv : splat(0.f);
@@ -870,23 +917,23 @@ void lanes_stats(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, c
 
 template <Dtype D>
 void lanes_grad_dt(const LaneBlock& b, VecTransform t, const float* w, const float* ybuf,
-                   const float* lse, const float* a, const float* bw, const float* hot,
+                   const float* ref, const float* a, const float* bw, const float* hot,
                    const int32_t* target) {
   with_tf(t, [&](auto tf) {
-    lanes_grad_impl<D, decltype(tf)::value>(b, t, w, ybuf, lse, a, bw, hot, target);
+    lanes_grad_impl<D, decltype(tf)::value>(b, t, w, ybuf, ref, a, bw, hot, target);
   });
 }
 
 void lanes_grad(const LaneBlock& b, Dtype dt, VecTransform t, const float* w, const float* ybuf,
-                const float* lse, const float* a, const float* bw, const float* hot,
+                const float* ref, const float* a, const float* bw, const float* hot,
                 const int32_t* target) {
   switch (dt) {
     case Dtype::f16:
-      return lanes_grad_dt<Dtype::f16>(b, t, w, ybuf, lse, a, bw, hot, target);
+      return lanes_grad_dt<Dtype::f16>(b, t, w, ybuf, ref, a, bw, hot, target);
     case Dtype::bf16:
-      return lanes_grad_dt<Dtype::bf16>(b, t, w, ybuf, lse, a, bw, hot, target);
+      return lanes_grad_dt<Dtype::bf16>(b, t, w, ybuf, ref, a, bw, hot, target);
     default:
-      return lanes_grad_dt<Dtype::f32>(b, t, w, ybuf, lse, a, bw, hot, target);
+      return lanes_grad_dt<Dtype::f32>(b, t, w, ybuf, ref, a, bw, hot, target);
   }
 }
 
@@ -978,16 +1025,17 @@ inline vd load_w_d(const double* w, int64_t i, int64_t n_left) {
 
 // stats_impl for float64: one sweep per chunk against a lagging reference (see there).
 template <bool kScaled, bool kDot, bool kKeep>
-RowStatsD stats_f64_impl(const double* x, int64_t n, double scale, const double* w, double ref,
+RowStatsD stats_f64_impl(const double* x, int64_t n, double scale, const double* w,
                          RowKeepD* keep) {
   const double ninf = -__builtin_inf();
   double run_ref = n > 0 ? transform_d<kScaled>(load_tail_d(x, 1), scale)[0] : ninf;
   double run_sum = 0;
-  vd dot = splat_d(0);
-  vd cdot;
+  ChunkDots<double> dots;
+  vd cdot, cw;
   auto sweep = [&](int64_t c0, int64_t c1, double r, double* csum) {
     const vd mv = splat_d(r != ninf ? r : __builtin_inf());
     vd s0 = splat_d(0), s1 = splat_d(0), m0 = splat_d(ninf), m1 = splat_d(ninf), d = splat_d(0);
+    vd dw = splat_d(0);
     auto step = [&](vd y, int64_t at, int64_t left, vd& acc, vd& mx) {
       mx = vmax_d(mx, y);
       const vd e = vexp_d(y - mv);
@@ -1000,8 +1048,12 @@ RowStatsD stats_f64_impl(const double* x, int64_t n, double scale, const double*
         }
       }
       if (kDot) {
-        const vd dd = load_w_d(w, at, left) * (y - ref);
-        for (int l = 0; l < WD; ++l) d[l] += l < left ? dd[l] : 0.0;
+        const vd wv = load_w_d(w, at, left);
+        const vd dd = wv * (y - mv);
+        for (int l = 0; l < WD; ++l) {
+          d[l] += l < left ? dd[l] : 0.0;
+          dw[l] += l < left ? wv[l] : 0.0;
+        }
       }
     };
     int64_t i = c0;
@@ -1017,21 +1069,22 @@ RowStatsD stats_f64_impl(const double* x, int64_t n, double scale, const double*
     }
     *csum = hsum_d(s0 + s1);
     cdot = d;
+    cw = dw;
     return hmax_d(vmax_d(m0, m1));
   };
   sweep_chunks(n, &run_ref, &run_sum, sweep, [&](int64_t chunk, double r) {
     if (kKeep) keep->chunk_max[chunk] = r;
-    if (kDot) dot += cdot;
+    if (kDot) dots.add(r, hsum_d(cdot), hsum_d(cw));
   });
-  return RowStatsD{run_ref, run_sum, kDot ? hsum_d(dot) : 0.0};
+  return RowStatsD{run_ref, run_sum, kDot ? dots.dot : 0.0, kDot ? dots.w : 0.0};
 }
 
 RowStatsD stats_f64(const double* x, int64_t n, double scale, const double* w, bool want_dot,
-                    double ref, RowKeepD* keep) {
+                    RowKeepD* keep) {
   auto go = [&](auto scaled, auto dot) {
     constexpr bool kS = decltype(scaled)::value, kD = decltype(dot)::value;
-    return keep != nullptr ? stats_f64_impl<kS, kD, true>(x, n, scale, w, ref, keep)
-                           : stats_f64_impl<kS, kD, false>(x, n, scale, w, ref, nullptr);
+    return keep != nullptr ? stats_f64_impl<kS, kD, true>(x, n, scale, w, keep)
+                           : stats_f64_impl<kS, kD, false>(x, n, scale, w, nullptr);
   };
   using T = BoolTag<true>;
   using F = BoolTag<false>;
@@ -1058,14 +1111,14 @@ inline void store_stream_d(double* p, vd v) {
 
 // grad_kept_impl for float64.
 template <bool kStream>
-void grad_kept_f64_impl(const RowKeepD& keep, double* g, int64_t n, double scale, double lse,
+void grad_kept_f64_impl(const RowKeepD& keep, double* g, int64_t n, double scale, double ref,
                         double a, double b, const double* w, int64_t target, double hot) {
   const double* e = keep.e;
   const double bs = b * scale, hs = hot * scale;
   for (int64_t c0 = 0, chunk = 0; c0 < n; c0 += kVecChunk, ++chunk) {
     const int64_t c1 = c0 + kVecChunk < n ? c0 + kVecChunk : n;
     const double cm = keep.chunk_max[chunk];
-    const vd f = splat_d(cm == -__builtin_inf() ? 0.0 : a * scale * __builtin_exp(cm - lse));
+    const vd f = splat_d(cm == -__builtin_inf() ? 0.0 : a * scale * __builtin_exp(cm - ref));
     int64_t i = c0;
     for (; i + WD <= c1; i += WD) {
       const vd w_bs = w == nullptr ? splat_d(bs) : load_d(w + i) * bs;
@@ -1081,12 +1134,12 @@ void grad_kept_f64_impl(const RowKeepD& keep, double* g, int64_t n, double scale
   if (target >= 0 && target < n) g[target] -= hs;
 }
 
-void grad_kept_f64(const RowKeepD& keep, double* g, int64_t n, double scale, double lse, double a,
+void grad_kept_f64(const RowKeepD& keep, double* g, int64_t n, double scale, double ref, double a,
                    double b, const double* w, int64_t target, double hot, bool stream) {
   if (stream && reinterpret_cast<uintptr_t>(g) % (W * 4) == 0) {
-    grad_kept_f64_impl<true>(keep, g, n, scale, lse, a, b, w, target, hot);
+    grad_kept_f64_impl<true>(keep, g, n, scale, ref, a, b, w, target, hot);
   } else {
-    grad_kept_f64_impl<false>(keep, g, n, scale, lse, a, b, w, target, hot);
+    grad_kept_f64_impl<false>(keep, g, n, scale, ref, a, b, w, target, hot);
   }
 }
 

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <limits>
@@ -27,15 +28,15 @@
 namespace xent {
 namespace {
 
-constexpr int64_t kNoBadTarget = std::numeric_limits<int64_t>::min();
-
-// Records the first out-of-range target seen by any thread; the caller raises after the loop
-// (an exception must not escape a parallel region half-way).
+// Records an out-of-range target seen by any thread; the caller raises after the loop (an
+// exception must not escape a parallel region half-way).  A flag apart from the value: every
+// int64 is a possible target, -2^63 included.
 struct BadTarget {
-  std::atomic<int64_t> value{kNoBadTarget};
+  std::atomic<bool> seen{false};
+  std::atomic<int64_t> value{0};
   void record(int64_t t) {
-    int64_t none = kNoBadTarget;
-    value.compare_exchange_strong(none, t);
+    bool none = false;
+    if (seen.compare_exchange_strong(none, true)) value.store(t);
   }
 };
 
@@ -82,15 +83,16 @@ void rows_scalar(ForwardArgs& a, int64_t begin, int64_t end, BadTarget& bad) {
     const int64_t base = (r / S) * C * S + r % S;  // 64-bit offsets throughout
     row.x = X + base;
     row.g = G ? G + base : nullptr;
-    wide lse = 0, loss = 0;
+    RowNorm<wide> norm{};
+    wide loss = 0;
     if (a.prob_target) {
-      loss = prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o, &lse);
+      loss = prob_row_strided(row, a.target.const_data_ptr<scalar_t>() + base, o, &norm);
     } else {
       const int64_t t = a.target.const_data_ptr<int64_t>()[r];
-      loss = index_row_strided(row, t, target_is_valid(t, o, bad), o, &lse);
+      loss = index_row_strided(row, t, target_is_valid(t, o, bad), o, &norm);
     }
     loss_out[r] = static_cast<acc>(loss);
-    lse_out[r] = static_cast<acc>(lse);
+    lse_out[r] = static_cast<acc>(norm.lse());
   }
 }
 
@@ -125,13 +127,13 @@ struct VecRow<float> {
   using Keep = xent_cpu::RowKeep;
   static xent_cpu::RowStats stats(const xent_cpu::VecKernels& k, const void* x, xent_cpu::Dtype dt,
                                   int64_t n, xent_cpu::VecTransform t, double, const float* w,
-                                  bool dot, float ref, Keep* keep) {
-    return k.stats(x, dt, n, t, w, dot, ref, keep);
+                                  bool dot, Keep* keep) {
+    return k.stats(x, dt, n, t, w, dot, keep);
   }
   static void grad_kept(const xent_cpu::VecKernels& k, const Keep& keep, void* g,
-                        xent_cpu::Dtype dt, int64_t n, float scale, float lse, float a, float b,
+                        xent_cpu::Dtype dt, int64_t n, float scale, float ref, float a, float b,
                         const float* w, int64_t t, float hot, bool stream) {
-    k.grad_kept(keep, g, dt, n, scale, lse, a, b, w, t, hot, stream);
+    k.grad_kept(keep, g, dt, n, scale, ref, a, b, w, t, hot, stream);
   }
 };
 template <>
@@ -139,13 +141,13 @@ struct VecRow<double> {
   using Keep = xent_cpu::RowKeepD;
   static xent_cpu::RowStatsD stats(const xent_cpu::VecKernels& k, const void* x, xent_cpu::Dtype,
                                    int64_t n, xent_cpu::VecTransform, double scale, const double* w,
-                                   bool dot, double ref, Keep* keep) {
-    return k.stats_f64(static_cast<const double*>(x), n, scale, w, dot, ref, keep);
+                                   bool dot, Keep* keep) {
+    return k.stats_f64(static_cast<const double*>(x), n, scale, w, dot, keep);
   }
   static void grad_kept(const xent_cpu::VecKernels& k, const Keep& keep, void* g, xent_cpu::Dtype,
-                        int64_t n, double scale, double lse, double a, double b, const double* w,
+                        int64_t n, double scale, double ref, double a, double b, const double* w,
                         int64_t t, double hot, bool stream) {
-    k.grad_kept_f64(keep, static_cast<double*>(g), n, scale, lse, a, b, w, t, hot, stream);
+    k.grad_kept_f64(keep, static_cast<double*>(g), n, scale, ref, a, b, w, t, hot, stream);
   }
 };
 
@@ -167,6 +169,10 @@ struct VecDriver {
   const acc s = a.grad_scale.defined() ? *a.grad_scale.const_data_ptr<acc>() : acc(1);
   const acc w_sum = total_of(w, C);
   const bool smooth = o.label_smoothing > 0.0;
+  // The weights of the gradient's b * w_j term: only label smoothing spreads the loss over
+  // other classes (without it b is 0, and an inf weight on a class no target uses must not
+  // turn 0 * inf into NaN).
+  const acc* w_b = smooth ? w : nullptr;
   acc* loss_out = a.loss_rows.mutable_data_ptr<acc>();
   acc* lse_out = a.lse.mutable_data_ptr<acc>();
 
@@ -192,38 +198,37 @@ void VecDriver<scalar_t>::rows(int64_t begin, int64_t end, BadTarget& bad) {
     const scalar_t* x = X + r * C;
     const int64_t t = T[r];
     const bool valid = target_is_valid(t, o, bad);
+    const auto st =
+        Row::stats(k, x, dt, C, tr, o.logit_scale, w, smooth, keep_exps && valid ? &keep : nullptr);
+    const RowNorm<acc> norm = ms_norm(MaxSum<acc>{st.max, st.sum});
     IndexRow<acc> ir{};
-    ir.ref = transform_logit(acc(x[0]), o);
-    const auto st = Row::stats(k, x, dt, C, tr, o.logit_scale, w, smooth, ir.ref,
-                               keep_exps && valid ? &keep : nullptr);
-    const acc lse = ms_lse(MaxSum<acc>{st.max, st.sum});
     ir.w_sum = w_sum;
-    ir.dot_ref = st.dot_ref;
+    ir.dot = st.dot;
     if (valid) {
       ir.w_t = w ? w[t] : acc(1);
       ir.y_t = transform_logit(acc(x[t]), o);
     }
-    loss_out[r] = index_row_loss(ir, lse, valid, o);
-    lse_out[r] = lse;
+    loss_out[r] = index_row_loss(ir, norm, valid, o);
+    lse_out[r] = norm.lse();
     if (G == nullptr) continue;
     scalar_t* g = G + r * C;
-    if (!valid) {
-      std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+    if (!valid || row_is_nan(norm)) {  // 0, or NaN throughout (as torch)
+      std::fill_n(g, C, static_cast<scalar_t>(ignored_grad(norm)));
       continue;
     }
-    const GradCoef<acc> gc = index_grad_coef(ir, lse, valid, s, o);
+    const GradCoef<acc> gc = index_grad_coef(ir, norm, valid, s, o);
     if (keep_exps) {
       // gc already carries the gradient scale s; grad_kept's `scale` is T'(x) = logit_scale.
-      Row::grad_kept(k, keep, g, dt, C, static_cast<acc>(o.logit_scale), lse, gc.a, gc.b, w, t,
-                     gc.hot, stream);
+      Row::grad_kept(k, keep, g, dt, C, static_cast<acc>(o.logit_scale), norm.ref, gc.a, gc.b, w_b,
+                     t, gc.hot, stream);
       continue;
     }
     if constexpr (std::is_same_v<acc, float>) {  // softcap: float32 kernels only
       const float x_t = float(x[t]);  // read before the sweep overwrites it (in-place gradient)
-      k.grad(x, g, dt, C, tr, lse, gc.a, gc.b, w);
+      k.grad(x, g, dt, C, tr, norm.ref, gc.a, gc.b, w_b);
       // The target element again, from scratch in float: p - 1 rounded once to the dtype.
-      g[t] =
-          static_cast<scalar_t>(grad_element(x_t, lse, gc.a, gc.b * (w ? w[t] : 1.f) + gc.hot, o));
+      g[t] = static_cast<scalar_t>(
+          grad_element(x_t, norm.ref, gc.a, gc.b * (w_b ? w_b[t] : 1.f) + gc.hot, o));
     }
   }
 #if defined(__x86_64__)
@@ -264,9 +269,9 @@ struct LaneBlocks {
 template <typename scalar_t>
 void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t end, BadTarget& bad) {
   constexpr int kMaxW = 16;
-  float loss[kMaxW], lse[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
+  float loss[kMaxW], lse[kMaxW], ref[kMaxW], ca[kMaxW], cb[kMaxW], hot[kMaxW];
   int32_t tgt[kMaxW];
-  const xent_cpu::LaneOut out{loss, lse, ca, cb, hot};
+  const xent_cpu::LaneOut out{loss, lse, ref, ca, cb, hot};
   // The per-call terms of index_row_loss / index_grad_coef (xent_row.h), in float as there.
   const float eps = static_cast<float>(o.label_smoothing);
   const xent_cpu::LaneCoefs coefs{
@@ -288,12 +293,9 @@ void VecDriver<scalar_t>::blocks(const LaneBlocks& lb, int64_t begin, int64_t en
     std::memcpy(loss_out + row0, loss, lanes * sizeof(float));
     std::memcpy(lse_out + row0, lse, lanes * sizeof(float));
     if (G == nullptr) continue;
-    for (int l = lanes; l < kMaxW; ++l) lse[l] = 0.f;  // absent lanes: no NaN computed there
-    k.lanes_grad(b, dt, tr, w, yb, lse, ca, cb, hot, tgt);
-    for (int l = 0; l < lanes; ++l) {  // ignored rows: exactly zero, whatever their logits
-      if (tgt[l] >= 0) continue;
-      for (int64_t j = 0; j < lb.C; ++j) G[offset + l * ls + j * cs] = scalar_t(0);
-    }
+    for (int l = lanes; l < kMaxW; ++l) ref[l] = 0.f;  // absent lanes: no NaN computed there
+    // Ignored rows come out as 0 * p (0, or NaN where torch's are) from their coefficients.
+    k.lanes_grad(b, dt, tr, w_b, yb, ref, ca, cb, hot, tgt);
   }
 }
 
@@ -309,8 +311,6 @@ void VecDriver<scalar_t>::split(int64_t slices, BadTarget& bad) {
   const int64_t P = (C + len - 1) / len, chunks_per_slice = len / chunk;
   std::vector<xent_cpu::RowStats> part(rows * P);
   std::vector<float> kept(G ? rows * C : 0), kept_max(G ? rows * P * chunks_per_slice : 0);
-  std::vector<float> ref(rows);
-  for (int64_t r = 0; r < rows; ++r) ref[r] = transform_logit(float(X[r * C]), o);
   auto keep_of = [&](int64_t q) {
     return xent_cpu::RowKeep{kept.data() + (q / P) * C + (q % P) * len,
                              kept_max.data() + q * chunks_per_slice};
@@ -319,46 +319,49 @@ void VecDriver<scalar_t>::split(int64_t slices, BadTarget& bad) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r = q / P, start = (q % P) * len, n = std::min(len, C - start);
       xent_cpu::RowKeep keep = keep_of(q);
-      part[q] = k.stats(X + r * C + start, dt, n, tr, w ? w + start : nullptr,
-                        o.label_smoothing > 0.0, ref[r], G ? &keep : nullptr);
+      part[q] = k.stats(X + r * C + start, dt, n, tr, w ? w + start : nullptr, smooth,
+                        G ? &keep : nullptr);
     }
   });
-  // Combine the slices of each row (few rows: serial).
-  std::vector<float> lse(rows);
+  // Combine the slices of each row (few rows: serial): xent_row.h's ms_combine and dot_combine.
+  std::vector<RowNorm<float>> norm(rows);
   std::vector<GradCoef<float>> coef(rows);
   std::vector<char> valid(rows);
   for (int64_t r = 0; r < rows; ++r) {
     MaxSum<float> ms = ms_empty<float>();
-    IndexRow<float> ir{};
+    DotAcc<float> dot = dot_empty<float>();
     for (int64_t p = 0; p < P; ++p) {
-      ms = ms_combine(ms, MaxSum<float>{part[r * P + p].max, part[r * P + p].sum});
-      ir.dot_ref += part[r * P + p].dot_ref;
+      const xent_cpu::RowStats& st = part[r * P + p];
+      const MaxSum<float> next = ms_combine(ms, MaxSum<float>{st.max, st.sum});
+      dot = dot_combine(dot, ms.max, DotAcc<float>{st.dot, st.w_sum}, st.max, next.max);
+      ms = next;
     }
     const int64_t t = T[r];
     valid[r] = target_is_valid(t, o, bad);
-    lse[r] = ms_lse(ms);
-    ir.ref = ref[r];
-    ir.w_sum = total_of(w, C);
+    norm[r] = ms_norm(ms);
+    IndexRow<float> ir{};
+    ir.w_sum = w_sum;
+    ir.dot = dot.dot;
     if (valid[r]) {
       ir.w_t = w ? w[t] : 1.f;
       ir.y_t = transform_logit(float(X[r * C + t]), o);
     }
-    a.loss_rows.mutable_data_ptr<float>()[r] = index_row_loss(ir, lse[r], bool(valid[r]), o);
-    a.lse.mutable_data_ptr<float>()[r] = lse[r];
-    coef[r] = index_grad_coef(ir, lse[r], bool(valid[r]), s, o);
+    loss_out[r] = index_row_loss(ir, norm[r], bool(valid[r]), o);
+    lse_out[r] = norm[r].lse();
+    coef[r] = index_grad_coef(ir, norm[r], bool(valid[r]), s, o);
   }
   if (G == nullptr) return;
   at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r = q / P, start = (q % P) * len, n = std::min(len, C - start);
       scalar_t* g = G + r * C + start;
-      if (!valid[r]) {
-        std::memset(static_cast<void*>(g), 0, n * sizeof(scalar_t));
+      if (!valid[r] || row_is_nan(norm[r])) {  // 0, or NaN throughout (as torch)
+        std::fill_n(g, n, static_cast<scalar_t>(ignored_grad(norm[r])));
         continue;
       }
       const int64_t t = T[r] - start;
-      k.grad_kept(keep_of(q), g, dt, n, tr.scale, lse[r], coef[r].a, coef[r].b,
-                  w ? w + start : nullptr, t >= 0 && t < n ? t : -1, coef[r].hot, false);
+      k.grad_kept(keep_of(q), g, dt, n, tr.scale, norm[r].ref, coef[r].a, coef[r].b,
+                  w_b ? w_b + start : nullptr, t >= 0 && t < n ? t : -1, coef[r].hot, false);
     }
   });
 }
@@ -424,12 +427,11 @@ void forward_cpu_kernel(ForwardArgs& a) {
           rows_scalar<scalar_t>(a, begin, end, bad);
         });
       });
-  const int64_t t = bad.value.load();
   // The message is one ready std::string (std::to_string, no stream): one build (a custom GCC,
   // Python's -Bsymbolic-functions link) crashed here while formatting the integer through a
   // copy of std::ostream::_M_insert<long> it had emitted into this library.
-  TORCH_CHECK_INDEX(t == kNoBadTarget,
-                    std::string("Target ") + std::to_string(t) + " is out of bounds.");
+  TORCH_CHECK_INDEX(!bad.seen.load(), std::string("Target ") + std::to_string(bad.value.load()) +
+                                          " is out of bounds.");
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale_) {

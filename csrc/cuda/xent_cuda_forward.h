@@ -54,7 +54,7 @@ Plan run_rows(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& la
         at::Tensor workspace;
         if (plan.regime == Regime::kSplit) {
           constexpr int64_t per = sizeof(Partial<acc>) / sizeof(acc);
-          workspace = at::empty({k.rows * (plan.splits * per + 2)},
+          workspace = at::empty({k.rows * (plan.splits * per + 1)},
                                 a.input.options().dtype(a.lse.scalar_type()));
           k.partials = reinterpret_cast<Partial<acc>*>(workspace.mutable_data_ptr<acc>());
           k.row_vals = workspace.mutable_data_ptr<acc>() + k.rows * plan.splits * per;

@@ -64,26 +64,25 @@ namespace xent {
 namespace cuda {
 
 // ---------------------------------------------------------------------------------------------
-// Statistics of a slice of a row: max / sum-exp, plus two running sums (class-index targets:
-// d0 = sum_j w_j (y_j - ref), used with label smoothing; probability targets: d0 = sum_j c_j,
-// d1 = sum_j c_j (y_j - ref)).  `ref` is the transformed first logit of the row, the same in
-// every slice, so the sums of slices add up.
+// Statistics of a slice of a row: max / sum-exp, and the target sums relative to that max
+// (xent_row.h's DotAcc: dot = sum_j c_j (y_j - max), mass = sum_j c_j, with c_j = w_j for the
+// label-smoothing sum of class-index targets, c_j = prob_coef for probability targets).
 // ---------------------------------------------------------------------------------------------
 template <typename acc>
 struct Partial {
   MaxSum<acc> ms;
-  acc d0;
-  acc d1;
+  DotAcc<acc> dot;
 };
 
 template <typename acc>
 XENT_DEV Partial<acc> partial_empty() {
-  return {ms_empty<acc>(), acc(0), acc(0)};
+  return {ms_empty<acc>(), dot_empty<acc>()};
 }
 
 template <typename acc>
 XENT_DEV Partial<acc> partial_combine(const Partial<acc>& a, const Partial<acc>& b) {
-  return {ms_combine(a.ms, b.ms), a.d0 + b.d0, a.d1 + b.d1};
+  const MaxSum<acc> ms = ms_combine(a.ms, b.ms);
+  return {ms, dot_combine(a.dot, a.ms.max, b.dot, b.ms.max, ms.max)};
 }
 
 // Maximum that propagates NaN (a NaN logit must make the row's lse NaN, as in PyTorch).
@@ -157,7 +156,7 @@ struct KernelArgs {
   int splits;              // split regime: slices per row
   int slice_items;         // split regime: items per slice
   Partial<acc>* partials;  // split regime: (rows, splits)
-  acc* row_vals;           // split regime: (rows, 2) ref and y_t, from the stats step
+  acc* row_vals;           // split regime: (rows,) y_t, from the stats step
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -185,8 +184,8 @@ XENT_DEV Partial<acc> warp_reduce(Partial<acc> p) {
     Partial<acc> o;
     o.ms.max = shfl_xor(p.ms.max, off);
     o.ms.sum = shfl_xor(p.ms.sum, off);
-    o.d0 = shfl_xor(p.d0, off);
-    o.d1 = shfl_xor(p.d1, off);
+    o.dot.dot = shfl_xor(p.dot.dot, off);
+    o.dot.mass = shfl_xor(p.dot.mass, off);
     p = partial_combine(p, o);
   }
   return p;
@@ -232,7 +231,6 @@ struct RowRef {
   int C;       // elements; 0 for an inactive row (group regime), which masks every element
   int shift;   // offset of x from a 16-byte boundary, in elements (0 when VEC == 1)
   int items;
-  acc ref;     // transformed first logit
   acc y_t;     // transformed target logit (valid class-index rows), read before any gradient
                // store: with the gradient written over the logits (in place), x[t] changes
   int64_t t;   // class-index target (-1 for probability targets)
@@ -288,10 +286,9 @@ XENT_DEV bool check_target(int64_t t, const RowOptions& o) {
   return in_range;
 }
 
-// The row's pointers, reference value and target.  Reads x[0], x[t] and the target only for an
-// active row, and the logits not at all with read_logits == false (the split regime's gradient
-// step, where other blocks may already have overwritten them: it takes ref and y_t from
-// k.row_vals).
+// The row's pointers and target.  Reads x[t] and the target only for an active row, and the
+// logits not at all with read_logits == false (the split regime's gradient step, where other
+// blocks may already have overwritten them: it takes y_t from k.row_vals).
 template <int VEC, typename T>
 XENT_DEV RowRef<T> make_row(const KernelArgs<T>& k, int64_t row, bool active,
                             bool read_logits = true) {
@@ -305,7 +302,6 @@ XENT_DEV RowRef<T> make_row(const KernelArgs<T>& k, int64_t row, bool active,
   rr.C = active ? static_cast<int>(C) : 0;
   rr.shift = VEC == 1 ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(rr.x) / sizeof(T)) % VEC);
   rr.items = active ? (rr.C + rr.shift + VEC - 1) / VEC : 0;
-  rr.ref = active && read_logits ? k.em.y(acc(rr.x[0])) : acc(0);
   rr.y_t = acc(0);
   rr.t = -1;
   rr.valid = active;
@@ -321,24 +317,27 @@ XENT_DEV RowRef<T> make_row(const KernelArgs<T>& k, int64_t row, bool active,
 // Per-item pieces.
 // ---------------------------------------------------------------------------------------------
 
-// Target sums of one item (no exp): see Partial.
+// Whether a call needs the target sums: probability targets, or label smoothing.
+template <bool kProb, typename T>
+XENT_DEV bool wants_dots(const KernelArgs<T>& k) {
+  return kProb || k.smooth;
+}
+
+// Target sums of one item (no exp), relative to mr, the running max of the slice after this
+// item (0 while that is -inf): see Partial.
 template <bool kProb, bool kFull, int VEC, typename T>
-XENT_DEV void target_sums(acc_t<T>& d0, acc_t<T>& d1, const RowRef<T>& r, const ItemSpan& sp,
+XENT_DEV void target_sums(DotAcc<acc_t<T>>& d, acc_t<T> mr, const ItemSpan& sp,
                           const acc_t<T> (&y)[VEC], const Pack<T, VEC>& qv,
                           const KernelArgs<T>& k) {
   using acc = acc_t<T>;
-  if (!kProb && !k.smooth) return;
+  if (!wants_dots<kProb>(k)) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     if (kFull || (e >= sp.lo && e < sp.hi)) {
       const acc wj = k.w != nullptr ? k.w[sp.j0 + e] : acc(1);
-      if (kProb) {
-        const acc c = k.em.prob_c(acc(qv.v[e]), wj);
-        d0 += c;
-        d1 += c * (y[e] - r.ref);
-      } else {
-        d0 += wj * (y[e] - r.ref);
-      }
+      const acc c = kProb ? k.em.prob_c(acc(qv.v[e]), wj) : wj;
+      d.dot += c * (y[e] - mr);
+      d.mass += c;
     }
   }
 }
@@ -371,26 +370,29 @@ XENT_DEV void push_item(Partial<acc_t<T>>& part, const RowRef<T>& r, const ItemS
   using acc = acc_t<T>;
   acc y[VEC];
   item_logits<kFull>(y, sp, xv, k);
-  target_sums<kProb, kFull>(part.d0, part.d1, r, sp, y, qv, k);
   acc pm = y[0];
 #pragma unroll
   for (int e = 1; e < VEC; ++e) pm = elem_max(pm, y[e]);
-  // exp(-inf - pm) = 0 clears an empty sum; a NaN pm or max poisons the sum.
+  // exp(-inf - pm) = 0 clears an empty sum; a NaN pm or max poisons the sum.  The target sums
+  // move with the max (dot_move).
   if (pm > part.ms.max || pm != pm) {
     part.ms.sum *= fast_exp(part.ms.max - pm);
+    if (wants_dots<kProb>(k)) part.dot = dot_move(part.dot, part.ms.max, pm);
     part.ms.max = pm;
   }
   const acc mr = part.ms.max == neg_inf<acc>() ? acc(0) : part.ms.max;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) part.ms.sum += fast_exp(y[e] - mr);
+  target_sums<kProb, kFull>(part.dot, mr, sp, y, qv, k);
 }
 
-// Loss, lse and gradient coefficients of a row from its combined statistics.
+// Loss, normaliser and gradient coefficients of a row from its combined statistics.
 template <typename acc>
 struct RowResult {
   acc loss;
-  acc lse;
+  RowNorm<acc> norm;
   GradCoef<acc> gc;  // probability targets: gc.a, and gc.b = the gradient scale s
+  acc ignored;       // every gradient entry of an ignored row: 0, or NaN (xent_row.h)
 };
 
 template <bool kProb, typename T>
@@ -400,28 +402,29 @@ XENT_DEV RowResult<acc_t<T>> finish_row(const Partial<acc_t<T>>& part, const Row
   const RowOptions& o = k.opt;
   const acc s = k.grad_scale != nullptr ? *k.grad_scale : acc(1);
   RowResult<acc> res;
-  res.lse = ms_lse(part.ms);
+  res.norm = ms_norm(part.ms);
+  res.ignored = ignored_grad(res.norm);
   if (kProb) {
-    res.loss = prob_row_loss(part.d0, part.d1, r.ref, res.lse, o);
-    res.gc = GradCoef<acc>{prob_grad_a(part.d0, res.lse, s, o), s, acc(0)};
+    res.loss = prob_row_loss(part.dot.mass, part.dot.dot, res.norm, o);
+    res.gc = GradCoef<acc>{prob_grad_a(part.dot.mass, res.norm, s, o), s, acc(0)};
   } else {
     IndexRow<acc> ir{};
-    ir.ref = r.ref;
     ir.w_sum = k.w_sum != nullptr ? *k.w_sum : acc(o.num_classes);
-    ir.dot_ref = part.d0;
+    ir.dot = part.dot.dot;
     if (r.valid) {
       ir.w_t = k.w != nullptr ? k.w[r.t] : acc(1);
       ir.y_t = r.y_t;
     }
-    res.loss = index_row_loss(ir, res.lse, r.valid, o);
-    res.gc = index_grad_coef(ir, res.lse, r.valid, s, o);
+    res.loss = index_row_loss(ir, res.norm, r.valid, o);
+    res.gc = index_grad_coef(ir, res.norm, r.valid, s, o);
   }
   return res;
 }
 
-// Gradient of one item, computed in acc and rounded once:
-//   index targets:        (a p_j - b w_j - [j == t] hot) T'(x_j)
-//   probability targets:  (a p_j - s c_j) T'(x_j)
+// Gradient of one item, computed in acc and rounded once, with e_j = exp(y_j - ref):
+//   index targets:        (a e_j - b w_j - [j == t] hot) T'(x_j)
+//   probability targets:  (a e_j - s c_j) T'(x_j)
+// and res.ignored for every element of an ignored row.
 // kCapped / kWeighted are the call's softcap and class weights, decided once per item by
 // grad_item (the same for every element).
 template <bool kProb, bool kFull, bool kCapped, bool kWeighted, int VEC, typename T>
@@ -432,7 +435,7 @@ XENT_DEV Pack<T, VEC> grad_item_as(const RowRef<T>& r, const ItemSpan& sp, const
   Pack<T, VEC> gv;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    acc gj = acc(0);
+    acc gj = r.valid ? acc(0) : res.ignored;
     if (r.valid && (kFull || (e >= sp.lo && e < sp.hi))) {
       const int j = sp.j0 + e;
       const acc wj = kWeighted ? k.w[j] : acc(1);
@@ -444,11 +447,11 @@ XENT_DEV Pack<T, VEC> grad_item_as(const RowRef<T>& r, const ItemSpan& sp, const
       }
       const acc xj = acc(xv.v[e]);
       if (kCapped) {
-        const acc p = fast_exp(k.em.y(xj) - res.lse);
-        gj = (res.gc.a * p - c) * k.em.slope(xj);
+        const acc ej = fast_exp(k.em.y(xj) - res.norm.ref);
+        gj = (res.gc.a * ej - c) * k.em.slope(xj);
       } else {
-        const acc p = fast_exp(k.em.scale * xj - res.lse);
-        gj = (res.gc.a * p - c) * k.em.scale;
+        const acc ej = fast_exp(k.em.scale * xj - res.norm.ref);
+        gj = (res.gc.a * ej - c) * k.em.scale;
       }
     }
     gv.v[e] = static_cast<T>(gj);
@@ -460,12 +463,15 @@ template <bool kProb, bool kFull, int VEC, typename T>
 XENT_DEV Pack<T, VEC> grad_item(const RowRef<T>& r, const ItemSpan& sp, const Pack<T, VEC>& xv,
                                 const Pack<T, VEC>& qv, const RowResult<acc_t<T>>& res,
                                 const KernelArgs<T>& k) {
+  // Class-index rows read the other classes' weights only with label smoothing (b is 0 without
+  // it, and an inf weight on a class no target uses must not make 0 * inf = NaN).
+  const bool weighted = k.w != nullptr && wants_dots<kProb>(k);
   if (k.em.capped) {
-    return k.w != nullptr ? grad_item_as<kProb, kFull, true, true>(r, sp, xv, qv, res, k)
-                          : grad_item_as<kProb, kFull, true, false>(r, sp, xv, qv, res, k);
+    return weighted ? grad_item_as<kProb, kFull, true, true>(r, sp, xv, qv, res, k)
+                    : grad_item_as<kProb, kFull, true, false>(r, sp, xv, qv, res, k);
   }
-  return k.w != nullptr ? grad_item_as<kProb, kFull, false, true>(r, sp, xv, qv, res, k)
-                        : grad_item_as<kProb, kFull, false, false>(r, sp, xv, qv, res, k);
+  return weighted ? grad_item_as<kProb, kFull, false, true>(r, sp, xv, qv, res, k)
+                  : grad_item_as<kProb, kFull, false, false>(r, sp, xv, qv, res, k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -714,8 +720,28 @@ __global__ void __launch_bounds__(kGroupThreads, group_min_blocks(sizeof(T), NV,
     const P* qs = xs + G * NV;
     const bool active = row < k.rows;
 
-    // Pass 1: max and the target sums.
-    acc m = neg_inf<acc>(), d0 = acc(0), d1 = acc(0);
+    // Pass 1: max.
+    acc m = neg_inf<acc>();
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int item = lane + i * G;
+      const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
+      const P xv = xs[item];
+      acc y[VEC];
+      if (item_full<VEC>(sp)) {
+        item_logits<true>(y, sp, xv, k);
+      } else {
+        item_logits<false>(y, sp, xv, k);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) m = elem_max(m, y[e]);
+    }
+    m = group_max<G>(m);
+    // Pass 2: sum of exp(y - m) and the target sums relative to m.  An all -inf row sums
+    // exp(-inf) = 0 and gets log_sum = -inf.
+    const acc mr = m == neg_inf<acc>() ? acc(0) : m;
+    acc sum = acc(0);
+    DotAcc<acc> dot = dot_empty<acc>();
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int item = lane + i * G;
@@ -725,41 +751,23 @@ __global__ void __launch_bounds__(kGroupThreads, group_min_blocks(sizeof(T), NV,
       acc y[VEC];
       if (item_full<VEC>(sp)) {
         item_logits<true>(y, sp, xv, k);
-        target_sums<kProb, true>(d0, d1, r, sp, y, qv, k);
+        target_sums<kProb, true>(dot, mr, sp, y, qv, k);
       } else {
         item_logits<false>(y, sp, xv, k);
-        target_sums<kProb, false>(d0, d1, r, sp, y, qv, k);
-      }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) m = elem_max(m, y[e]);
-    }
-    m = group_max<G>(m);
-    // Pass 2: sum of exp(y - m).  An all -inf row sums exp(-inf) = 0 and gets lse = -inf.
-    const acc mr = m == neg_inf<acc>() ? acc(0) : m;
-    acc sum = acc(0);
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int item = lane + i * G;
-      const ItemSpan sp = item_span<VEC>(item, r.shift, r.C);
-      const P xv = xs[item];
-      acc y[VEC];
-      if (item_full<VEC>(sp)) {
-        item_logits<true>(y, sp, xv, k);
-      } else {
-        item_logits<false>(y, sp, xv, k);
+        target_sums<kProb, false>(dot, mr, sp, y, qv, k);
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) sum += fast_exp(y[e] - mr);
     }
     Partial<acc> part;
     part.ms = MaxSum<acc>{m, group_sum<G>(sum)};
-    part.d0 = (kProb || k.smooth) ? group_sum<G>(d0) : acc(0);
-    part.d1 = kProb ? group_sum<G>(d1) : acc(0);
+    part.dot = dot_empty<acc>();
+    if (wants_dots<kProb>(k)) part.dot = DotAcc<acc>{group_sum<G>(dot.dot), group_sum<G>(dot.mass)};
 
     const RowResult<acc> res = finish_row<kProb>(part, r, k);
     if (active && lane == 0) {
       k.loss[row] = res.loss;
-      k.lse[row] = res.lse;
+      k.lse[row] = res.norm.lse();
     }
     if (r.g != nullptr) {
       sync_warp();  // every lane's reads of the row (x[0], x[t]) before any in-place store
@@ -800,7 +808,7 @@ __global__ void __launch_bounds__(kThreads, (block_min_blocks<T, kProb, kThreads
     const RowResult<acc> res = finish_row<kProb>(part, r, k);
     if (threadIdx.x == 0) {
       k.loss[row] = res.loss;
-      k.lse[row] = res.lse;
+      k.lse[row] = res.norm.lse();
     }
     if (r.g != nullptr) slice_grad<kProb, true, VEC>(r, 0, r.items, res, k, xs, qs);
   }
@@ -818,10 +826,8 @@ __global__ void __launch_bounds__(kSplitThreads, (block_min_blocks<T, kProb>()))
   const int end = r.items - begin < k.slice_items ? r.items : begin + k.slice_items;
   const Partial<acc> part = block_reduce(slice_partial<kProb, VEC>(r, begin, end, k));
   if (threadIdx.x == 0) k.partials[row * k.splits + slice] = part;
-  if (slice == 0 && threadIdx.x == 0) {  // before the gradient step can overwrite the row
-    k.row_vals[2 * row] = r.ref;
-    k.row_vals[2 * row + 1] = r.y_t;
-  }
+  // The target logit, before the gradient step can overwrite the row.
+  if (slice == 0 && threadIdx.x == 0) k.row_vals[row] = r.y_t;
 }
 
 // Split regime, step 2: combine the row's partials, write loss and lse (slice 0), and the
@@ -834,13 +840,12 @@ __global__ void __launch_bounds__(kSplitThreads, (block_min_blocks<T, kProb>()))
   const int64_t row = blockIdx.y;
   const int slice = blockIdx.x;
   RowRef<T> r = make_row<VEC>(k, row, true, /*read_logits=*/false);
-  r.ref = k.row_vals[2 * row];
-  r.y_t = k.row_vals[2 * row + 1];
+  r.y_t = k.row_vals[row];
   const Partial<acc> part = combine_partials(k.partials + row * k.splits, k.splits);
   const RowResult<acc> res = finish_row<kProb>(part, r, k);
   if (slice == 0 && threadIdx.x == 0) {
     k.loss[row] = res.loss;
-    k.lse[row] = res.lse;
+    k.lse[row] = res.norm.lse();
   }
   if (r.g == nullptr) return;
   const int begin = slice * k.slice_items;
@@ -866,12 +871,14 @@ __global__ void __launch_bounds__(kStridedThreads, 1) strided_kernel(KernelArgs<
     const int64_t base = (r / S) * C * S + r % S;
     row.x = k.x + base;
     row.g = k.g != nullptr ? k.g + base : nullptr;
+    RowNorm<acc> norm;
     if (kProb) {
-      k.loss[r] = prob_row_strided(row, k.t_prob + base, o, &k.lse[r]);
+      k.loss[r] = prob_row_strided(row, k.t_prob + base, o, &norm);
     } else {
       const int64_t t = k.t_index[r];
-      k.loss[r] = index_row_strided(row, t, check_target(t, k.opt), o, &k.lse[r]);
+      k.loss[r] = index_row_strided(row, t, check_target(t, k.opt), o, &norm);
     }
+    k.lse[r] = norm.lse();
   }
 }
 
