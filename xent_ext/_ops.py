@@ -1,18 +1,31 @@
 """Fake kernels and autograd for the C++ operators (schemas live in csrc/ops.cpp).
 
-The forward op already computed the gradient of the reduced loss for an incoming gradient of
-1; the first backward only scales that buffer in place by the incoming gradient and returns it,
-which costs nothing when the incoming gradient is exactly 1 (decided inside the kernel, with no
-host synchronisation).  A later backward through the same graph (retain_graph=True, gradcheck)
-must neither scale the buffer twice nor change the tensor handed out the first time: it
-returns a new tensor, buffer * (new scale / first scale).  Rows whose first incoming gradient
-was exactly 0 cannot be recovered that way; they come out as NaN (loud), never as a silently
-wrong value.
+The forward op already computed the gradient of the reduced loss for an incoming gradient of 1.
+Every backward is exact, for any incoming gradient and under any saved-tensor hook:
+
+- the first backward scales that buffer in place by the incoming gradient and hands it on, which
+  costs nothing when the incoming gradient is exactly 1 (decided inside the kernel, with no host
+  synchronisation).  It hands on a tensor with a version counter of its own (`.data`), so that
+  what the caller then does to it (`.grad` accumulation, `mul_`, `zero_`) never trips the saved
+  buffer's version check;
+- a later backward through the same graph (retain_graph=True, gradcheck, jacobian) cannot trust
+  the buffer any more (scaled, or handed out and modified): it runs the forward kernel again on
+  the saved logits for a fresh gradient;
+- a backward that builds a graph (create_graph=True: double backward, gradient penalties,
+  Hessian-vector products), or whose incoming gradient is batched (vmap over the backward),
+  differentiates the same loss written with ATen operations (_composite.py) on the saved inputs.
+
+The logits are saved (a reference, no copy): the forward holds them and the gradient together
+anyway, so the peak memory of a training step does not change; saved-tensor hooks (activation
+checkpointing, save_on_cpu) see them and the gradient buffer like any saved tensor.
 """
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that defines the operators)
+from . import (
+    _C,  # noqa: F401  (loads the library that defines the operators)
+    _composite,
+)
 
 _REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2
 
@@ -58,71 +71,90 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, grad)
     ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
-    ctx.reduction = reduction
-    ctx.label_smoothing = label_smoothing
-    ctx.logit_scale = logit_scale
-    ctx.softcap = softcap
+    ctx.options = inputs[3:9]  # reduction .. z_loss, as the op takes them
     ctx.prob_target_grad = target.is_floating_point() and target.requires_grad
-    saved = [grad]
-    if ctx.prob_target_grad:  # d loss / d q needs log_softmax, rebuilt from input and lse
-        saved += [input, lse, weight if weight is not None else input.new_empty(0)]
     ctx.has_weight = weight is not None
-    ctx.first_scale = None  # the incoming gradient the buffer was scaled by, once used
-    ctx.save_for_backward(*saved)
+    ctx.backward_runs = 0
+    ctx.save_for_backward(grad, input, target, weight if weight is not None else lse.new_empty(0))
 
 
-def _scaled_saved_grad(ctx, grad, grad_loss):
-    """The saved gradient times the incoming gradient: in place the first time (free when the
-    incoming gradient is exactly 1), as a new tensor after that."""
-    if ctx.first_scale is None:
-        scale_grad_(grad, grad_loss)
-        ctx.first_scale = grad_loss.detach()
-        return grad
-    return _rescaled(grad, grad_loss, ctx.first_scale)
+def _later_grad(ctx, input, target, weight, grad_loss):
+    """The gradient for a backward after the first: the forward kernel again on the saved
+    logits, scaled out of place."""
+    with torch._C._AutoDispatchBelowAutograd():
+        _, _, grad = fwd(input.detach(), target.detach(), weight, *ctx.options, True)
+    scale_grad_(grad, grad_loss)
+    return grad
 
 
-def _rescaled(grad, new_scale, first_scale):
-    """A later backward: the buffer holds gradient * first_scale.  A first scale of 0 cannot be
-    undone; the division then yields NaN rather than a silently wrong zero."""
-    acc = acc_dtype(grad.dtype)
-    factor = new_scale.to(acc) / first_scale.to(acc)
-    if factor.dim() > 0:  # per-row ('none'): (N, S) -> (N, 1, S)
-        factor = factor.reshape(grad.shape[0], 1, grad.shape[2])
-    return (grad.to(acc) * factor).to(grad.dtype)
+def _composite_grads(ctx, input, target, weight, grad_loss):
+    """Gradients of the loss written with ATen operations (_composite.py), as a graph of the
+    saved inputs when one is being built (create_graph=True), and for batched incoming
+    gradients (vmap over the backward)."""
+    wrt = [t for t, need in ((input, ctx.needs_input_grad[0]),
+                             (target, ctx.needs_input_grad[1] and ctx.prob_target_grad)) if need]
+    if not wrt:
+        return None, None
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        loss, _ = _composite.cross_entropy(input, target, weight, *ctx.options)
+        grads = torch.autograd.grad(loss, wrt, grad_loss, create_graph=create_graph,
+                                    allow_unused=True)
+    grads = list(grads)
+    grad_input = grads.pop(0) if ctx.needs_input_grad[0] else None
+    grad_target = grads.pop(0) if grads else None
+    return grad_input, grad_target
 
 
-def _transformed(input, logit_scale, softcap):
-    y = input.to(acc_dtype(input.dtype)) * logit_scale
-    if softcap > 0:
-        y = torch.where(torch.isneginf(input), input.to(y.dtype), softcap * torch.tanh(y / softcap))
-    return y
+def _target_grad(ctx, input, target, weight, grad_loss):
+    """d loss / d q for probability targets: -(1 - eps) w_j log_softmax_j (times the incoming
+    gradient, over N * S for 'mean')."""
+    reduction, _ii, label_smoothing, logit_scale, softcap, _z = ctx.options
+    n, c, s = input.shape
+    y = _composite.transformed(input.detach().to(acc_dtype(input.dtype)), logit_scale, softcap)
+    g = -(1.0 - label_smoothing) * torch.log_softmax(y, dim=1)
+    if ctx.has_weight:
+        g = g * weight.to(g.dtype).view(1, c, 1)
+    if reduction == _REDUCTION_NONE:
+        g = g * grad_loss.to(g.dtype).view(n, 1, s)
+    else:
+        g = g * grad_loss.to(g.dtype)
+        if reduction == _REDUCTION_MEAN:
+            g = g / (n * s)
+    return g.to(target.dtype)
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    """An incoming gradient under vmap (torch.func's, or the legacy one gradcheck's batched
+    checks use): the kernels have no batching rule, ATen operations do."""
+    f = torch._C._functorch
+    return f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_grad):
-    saved = ctx.saved_tensors
-    grad_input = grad_target = None
     if grad_loss is None:  # nothing flows back through the loss
         return (None,) * 10
+    grad, input, target, weight = ctx.saved_tensors
+    weight = weight if ctx.has_weight else None
+    if ctx.needs_input_grad[0] and not ctx.compute_grad:
+        raise RuntimeError(
+            "xent_ext: the forward ran without computing the gradient (input did not require "
+            "grad when the loss was computed)")
+    if torch.is_grad_enabled() or _is_batched(grad_loss):
+        grad_input, grad_target = _composite_grads(ctx, input, target, weight, grad_loss)
+        return (grad_input, grad_target) + (None,) * 8
+    grad_input = grad_target = None
+    ctx.backward_runs += 1
     if ctx.needs_input_grad[0]:
-        if not ctx.compute_grad:
-            raise RuntimeError(
-                "xent_ext: the forward ran without computing the gradient (input did not "
-                "require grad when the loss was computed)")
-        grad_input = _scaled_saved_grad(ctx, saved[0], grad_loss)
-    if ctx.needs_input_grad[1] and ctx.prob_target_grad:
-        _, input, lse, weight = saved
-        n, c, s = input.shape
-        log_p = _transformed(input, ctx.logit_scale, ctx.softcap) - lse.unsqueeze(1)
-        g = -(1.0 - ctx.label_smoothing) * log_p
-        if ctx.has_weight:
-            g = g * weight.to(g.dtype).view(1, c, 1)
-        if ctx.reduction == _REDUCTION_NONE:
-            g = g * grad_loss.to(g.dtype).view(n, 1, s)
+        if ctx.backward_runs == 1:
+            if not torch.compiler.is_compiling():
+                grad = grad.data  # a version counter of its own (see the module comment)
+            scale_grad_(grad, grad_loss)
+            grad_input = grad
         else:
-            g = g * grad_loss.to(g.dtype)
-            if ctx.reduction == _REDUCTION_MEAN:
-                g = g / (n * s)
-        grad_target = g.to(input.dtype)
+            grad_input = _later_grad(ctx, input, target, weight, grad_loss)
+    if ctx.needs_input_grad[1] and ctx.prob_target_grad:
+        grad_target = _target_grad(ctx, input, target, weight, grad_loss)
     return grad_input, grad_target, None, None, None, None, None, None, None, None
 
 
@@ -163,7 +195,8 @@ def fwd_eager(*inputs):
 class InplaceCrossEntropy(torch.autograd.Function):
     """The forward writes the gradient over the logits (cross_entropy_fwd_inplace_); the
     backward scales that storage in place and hands it on.  Forward + backward then need no
-    N x C buffer besides the logits themselves, which are clobbered."""
+    N x C buffer besides the logits themselves, which are clobbered: nothing is left to compute
+    a second gradient from, so a second backward, or one that builds a graph, raises."""
 
     @staticmethod
     def forward(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
@@ -180,13 +213,36 @@ class InplaceCrossEntropy(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
-        ctx.first_scale = None
+        ctx.backward_runs = 0
         ctx.save_for_backward(inputs[0])  # holds the gradient now
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
         if grad_loss is None:
             return (None,) * 9
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "xent_ext.cross_entropy(inplace_backward=True): a backward that builds a graph "
+                "(create_graph=True, double backward) needs the logits, which the forward "
+                "overwrote with their gradient; use inplace_backward=False")
+        ctx.backward_runs += 1
+        if ctx.backward_runs > 1:
+            raise RuntimeError(
+                "xent_ext.cross_entropy(inplace_backward=True): a second backward through the "
+                "same graph needs the logits, which the forward overwrote with their gradient; "
+                "use inplace_backward=False")
         (grad,) = ctx.saved_tensors
-        grad_input = _scaled_saved_grad(ctx, grad.detach(), grad_loss)
-        return (grad_input,) + (None,) * 8
+        grad = grad.detach()
+        if not torch.compiler.is_compiling():
+            if _is_batched(grad_loss):  # vmap over the backward: out of place
+                return (_scaled(grad, grad_loss),) + (None,) * 8
+            grad = grad.data  # a version counter of its own (see the module comment)
+        scale_grad_(grad, grad_loss)
+        return (grad,) + (None,) * 8
+
+
+def _scaled(grad, grad_loss):
+    """grad * grad_loss out of place: one factor, or one per row (N, S) -> (N, 1, S)."""
+    if grad_loss.dim() > 0:
+        grad_loss = grad_loss.reshape(grad.shape[0], 1, grad.shape[2])
+    return (grad.to(acc_dtype(grad.dtype)) * grad_loss).to(grad.dtype)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _ops
+from . import _composite, _ops
 
-_REDUCTIONS = {"none": _ops._REDUCTION_NONE, "mean": _ops._REDUCTION_MEAN,
-               "sum": _ops._REDUCTION_SUM}
 _INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
@@ -35,6 +34,11 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> bool:
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         return True
+    # In torch's order: the batch size before the dtype.
+    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+        got = target.shape[0] if target.dim() > 0 else 0
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({got}).")
     if target.dtype not in _INDEX_DTYPES:
         raise RuntimeError("expected target dtype to be Long or Byte, but got "
                            f"{_dtype_name(target.dtype)}")
@@ -43,10 +47,6 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> bool:
             raise RuntimeError(f"Expected target size [] for input of size {list(input.shape)},"
                                f" got {list(target.shape)}")
         return False
-    if target.dim() == 0 or target.shape[0] != input.shape[0]:
-        got = target.shape[0] if target.dim() > 0 else 0
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
-                         f"batch_size ({got}).")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     expected = (input.shape[0],) + tuple(input.shape[2:])
@@ -69,8 +69,9 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
         # NotImplementedError, as torch (whose log_softmax has no integer kernel).
         raise NotImplementedError("cross_entropy: input must be a floating point tensor "
                                   f"(float16, bfloat16, float32 or float64), got {input.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+    # torch's own mapping: ValueError for an unknown name, the deprecated 'elementwise_mean'
+    # accepted as 'mean' with torch's warning.
+    red = _legacy_reduction.get_enum(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError("label_smoothing must be between 0.0 and 1.0. Got: "
                            f"{label_smoothing}")
@@ -83,7 +84,10 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
             raise RuntimeError("weight tensor should be defined either for all "
                                f"{n_classes} classes or no classes but got weight tensor "
                                f"of shape: {list(weight.shape)}")
-        if weight.dtype != input.dtype:
+        # Class-index targets need the input's dtype (nll_loss's check); probability targets
+        # are computed in the promoted dtype, as torch's elementwise product does.
+        if (weight.dtype != input.dtype and not _is_prob_target(input, target)
+                and not _autocast_to_float32(input)):
             raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found "
                                f"{_dtype_name(weight.dtype)} (weight)")
         if weight.device != input.device:
@@ -92,13 +96,24 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
         if weight.requires_grad:
             raise RuntimeError("cross_entropy is not differentiable with respect to argument "
                                "'weight'. This input cannot have requires_grad True.")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) these may be symbolic.
+    if not (0.0 <= z_loss < math.inf):
         raise ValueError(f"cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (softcap > 0.0 and math.isfinite(softcap)):
+    if softcap is not None and not (0.0 < softcap < math.inf):
         raise ValueError(f"cross_entropy: softcap must be a finite number > 0, got {softcap}")
-    if not math.isfinite(logit_scale):
+    if not (-math.inf < logit_scale < math.inf):
         raise ValueError(f"cross_entropy: logit_scale must be finite, got {logit_scale}")
-    return _REDUCTIONS[reduction]
+    return red
+
+
+def _is_prob_target(input: Tensor, target: Tensor) -> bool:
+    return input.shape == target.shape and target.is_floating_point()
+
+
+def _autocast_to_float32(input: Tensor) -> bool:
+    """Under autocast torch runs cross_entropy in float32 (it is on autocast's float32 list)."""
+    return (input.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(input.device.type))
 
 
 def cross_entropy(
@@ -160,16 +175,32 @@ def cross_entropy(
     else:
         t3 = target.reshape(x3.shape[0], x3.shape[2]).long()
 
-    if prob and target.dtype != input.dtype:
-        # torch computes in the promoted dtype (float32 logits, float64 targets -> float64).
+    if prob:
+        # torch computes in the promoted dtype (float32 logits, float64 targets or weight ->
+        # float64).
         common = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            common = torch.promote_types(common, weight.dtype)
         x3, t3 = x3.to(common), t3.to(common)
         weight = weight.to(common) if weight is not None else None
+    if _autocast_to_float32(x3):
+        # The loss then comes out in float32 and a float32 weight is accepted.  The kernels
+        # accumulate in float32 anyway; the cast makes the result dtypes and the rules torch's.
+        x3 = x3.float()
+        t3 = t3.float() if prob else t3
+        weight = weight.float() if weight is not None else None
 
     compute_grad = torch.is_grad_enabled() and x3.requires_grad
     options = (red, ignore_index, float(label_smoothing), float(logit_scale),
                float(softcap or 0.0), float(z_loss))
-    if inplace_backward and compute_grad:
+    if _needs_composite(x3, t3):
+        # torch.func transforms and forward-mode AD: the same loss in ATen operations, which
+        # carry their own vmap rules and forward derivatives.
+        if inplace_backward:
+            raise RuntimeError("cross_entropy: inplace_backward=True cannot be used under "
+                               "torch.func transforms or forward-mode AD")
+        loss, lse = _composite.cross_entropy(x3, t3, weight, *options)
+    elif inplace_backward and compute_grad:
         _check_inplace(input, x3)
         loss, lse = _ops.InplaceCrossEntropy.apply(x3, t3, weight, *options)
     elif torch.compiler.is_compiling():
@@ -195,10 +226,34 @@ def cross_entropy(
     return tuple(out)
 
 
+def _needs_composite(x3: Tensor, t3: Tensor) -> bool:
+    """True under torch.func transforms (grad, vmap, jacrev, hessian, ...) and when a logit or
+    probability-target tensor carries a forward-mode tangent (dual tensors)."""
+    if torch.compiler.is_compiling():
+        return False  # what the compiled graph sees; torch.func over torch.compile is its own
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if _fwAD._current_level < 0:
+        return False
+    return any(_fwAD.unpack_dual(t).tangent is not None for t in (x3, t3))
+
+
 def _check_inplace(input: Tensor, x3: Tensor) -> None:
+    if torch.compiler.is_compiling():
+        # A compiled graph may save these logits for another node's backward (or reuse their
+        # buffer) without the version check that makes eager mode fail loudly: the gradient
+        # could come out wrong, silently.
+        raise RuntimeError("cross_entropy: inplace_backward=True is not supported under "
+                           "torch.compile (the compiled graph cannot check that nothing else "
+                           "needs the overwritten logits); turn it off there")
     if input.is_leaf and input.requires_grad:
         raise RuntimeError("cross_entropy: inplace_backward=True would overwrite a leaf tensor "
                            "that requires grad; pass the output of a layer, or turn it off")
+    base = input._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError("cross_entropy: inplace_backward=True would overwrite a view of a "
+                           "leaf tensor that requires grad (torch refuses in-place operations "
+                           "on such views); pass the output of a layer, or turn it off")
     if not input.is_contiguous():  # then x3 is a view of it, not a copy
         raise RuntimeError("cross_entropy: inplace_backward=True needs contiguous logits "
                            "(the gradient is written over them)")
