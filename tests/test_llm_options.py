@@ -204,9 +204,9 @@ def test_inplace_backward_peak_memory_cpu():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("opts", [{"inplace_backward": True}, {"inplace_backward": True,
-                                                               "z_loss": 1e-3, "softcap": 5.0}],
-                         ids=["inplace", "inplace+z+softcap"])
+@pytest.mark.parametrize("opts", [{"z_loss": 1e-3}, {"z_loss": 1e-3, "softcap": 5.0,
+                                                     "logit_scale": 0.8}],
+                         ids=["z", "z+softcap+scale"])
 def test_compile_fullgraph(device, opts):
     torch._dynamo.reset()
     weight = torch.randn(16, 300, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch.nn.functional as F
 from torch.nn.modules import loss as _loss_module
@@ -29,11 +30,13 @@ class patch:
     Use as a context manager (the originals come back on exit, also on an exception):
         with xent_ext.patch():
             loss = model_loss(...)
-    or call xent_ext.patch() once; xent_ext.unpatch() restores the originals.
+    or call xent_ext.patch() once; xent_ext.unpatch() restores the originals.  Patches nest: a
+    count of the patches in force (thread-safe) decides, so an inner `with patch():` leaves the
+    outer one in force when it exits.
     """
 
     def __init__(self) -> None:
-        _install()
+        _acquire()
 
     def __enter__(self) -> patch:
         return self
@@ -42,15 +45,26 @@ class patch:
         unpatch()
 
 
-def _install() -> None:
-    F.cross_entropy = _patched_cross_entropy
-    _loss_module.F.cross_entropy = _patched_cross_entropy
+_lock = threading.Lock()
+_depth = 0
+
+
+def _acquire() -> None:
+    global _depth
+    with _lock:
+        _depth += 1
+        F.cross_entropy = _patched_cross_entropy
+        _loss_module.F.cross_entropy = _patched_cross_entropy
 
 
 def unpatch() -> None:
-    """Restores torch's own cross_entropy."""
-    F.cross_entropy = _ORIGINAL
-    _loss_module.F.cross_entropy = _ORIGINAL
+    """Ends one patch(); torch's own cross_entropy is back when none is left in force."""
+    global _depth
+    with _lock:
+        _depth = max(_depth - 1, 0)
+        if _depth == 0:
+            F.cross_entropy = _ORIGINAL
+            _loss_module.F.cross_entropy = _ORIGINAL
 
 
 def is_patched() -> bool:

@@ -1,7 +1,9 @@
 #include "buffer_cache.h"
 
 #include <c10/core/Allocator.h>
+#include <c10/util/Exception.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -18,9 +20,21 @@ struct Cache {
   size_t cached = 0;
   size_t limit = 0;
 
-  Cache() {
+  Cache() { limit = limit_from_env() << 20; }
+
+  // XENT_CPU_CACHE_MB: a whole number of MiB (0 turns the cache off); anything else is an error
+  // that names the variable, not a bare parse failure.
+  static size_t limit_from_env() {
     const char* env = std::getenv("XENT_CPU_CACHE_MB");
-    limit = (env != nullptr ? std::stoull(env) : 4096ull) << 20;
+    if (env == nullptr) return 4096;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long mb = std::strtoull(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && errno == 0 && env[0] != '-' && mb < (1ull << 40),
+                "XENT_CPU_CACHE_MB must be a whole number of MiB (0 turns the gradient-buffer "
+                "cache off), got '",
+                env, "'");
+    return static_cast<size_t>(mb);
   }
 
   void* take(size_t bytes) {

@@ -38,12 +38,18 @@ const VecKernels* detect() {
   return kernels_base();
 }
 
+// XENT_CPU_ISA forces an instruction set at start-up; a name that is not one, or one this CPU
+// (or build) cannot run, is an error naming the variable rather than a silent fallback.
 const VecKernels* initial() {
   const char* env = std::getenv("XENT_CPU_ISA");
-  if (env != nullptr && std::string(env) != "auto" && cpu_has(env) && table_for(env)) {
-    return table_for(env);
-  }
-  return detect();
+  if (env == nullptr || std::string(env) == "auto" || std::string(env).empty()) return detect();
+  const std::string name(env);
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "base", "XENT_CPU_ISA: unknown ",
+              "instruction set '", name, "'; expected auto, avx512, avx2 or base");
+  TORCH_CHECK(cpu_has(name) && table_for(name) != nullptr, "XENT_CPU_ISA=", name,
+              ": this CPU (or build) does not support it; expected auto or one of: ",
+              cpu_has("avx512") ? "avx512, " : "", cpu_has("avx2") ? "avx2, " : "", "base");
+  return table_for(name);
 }
 
 std::atomic<const VecKernels*>& current() {
