@@ -190,6 +190,7 @@ setup(
     name="xent_ext",
     version=read_version(),
     description="Fused cross-entropy for PyTorch: loss and gradient in one pass",
+    license="MIT",
     packages=find_packages(include=["xent_ext", "xent_ext.*"]),
     ext_modules=[Extension("xent_ext._C", srcs, **ext_kwargs)],
     cmdclass={"build_ext": IncrementalBuildExtension.with_options(use_ninja=True)},
