@@ -93,6 +93,10 @@ def say_what_is_built() -> None:
         what = f"the CPU kernels only ({why_no_cuda()})"
     print(f"xent_ext: building {what} against torch {torch.__version__}", file=sys.stderr,
           flush=True)
+    if with_cuda and os.environ.get("XENT_REQUIRE_CUDA") != "1" and not torch.cuda.is_available():
+        print("xent_ext: no CUDA device here, so the CUDA kernels (minutes to compile) cannot "
+              "run; XENT_FORCE_CPU=1 (make test-cpu) builds without them", file=sys.stderr,
+              flush=True)
 
 
 def sources(pattern: str) -> list[str]:
