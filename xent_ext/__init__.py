@@ -11,16 +11,17 @@
 
 from . import _torch_check
 
-# Before anything loads the compiled _C: under another torch it would fail obscurely.
+# Before anything loads the compiled _C: under another torch it would fail obscurely. (The
+# imports below it are exempt from E402 in pyproject.toml.)
 _torch_check.check()
 
-from . import _ops, reference  # noqa: E402
-from ._C import cpu_isa, empty_cpu_cache, set_cpu_isa  # noqa: E402
-from ._capabilities import about, cuda_available, has_cuda  # noqa: E402
-from ._version import __version__  # noqa: E402
-from .functional import cross_entropy  # noqa: E402
-from .modules import CrossEntropyLoss  # noqa: E402
-from .patching import is_patched, patch, unpatch  # noqa: E402
+from . import _ops, reference
+from ._C import cpu_isa, empty_cpu_cache, set_cpu_isa
+from ._capabilities import about, cuda_available, has_cuda
+from ._version import __version__
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+from .patching import is_patched, patch, unpatch
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "patch", "unpatch", "is_patched", "reference",
            "cpu_isa", "set_cpu_isa", "has_cuda", "cuda_available", "about", "empty_cpu_cache",
