@@ -11,12 +11,15 @@ Build with `pip install --no-build-isolation -e .` against the torch already ins
 extension links against that torch's libraries, so it must be compiled with it (build isolation
 would look for torch in an empty build environment and fail).
 
-Builds are incremental: objects live in build/temp.<platform>/ (also for editable installs,
-whose default is a fresh temporary directory per build) and ninja recompiles only the sources
-whose text, included headers or flags changed.
+Builds are incremental: objects live in build/temp.<platform>/ (CPU-only builds in
+build/temp.<platform>-cpu/), also for editable installs, whose default is a fresh temporary
+directory per build, and ninja recompiles only the sources whose text, included headers or
+flags changed. Each build says on one line what it compiles (with or without the CUDA kernels,
+and why).
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,11 +34,11 @@ def _torch_or_explain():
         import torch
     except ModuleNotFoundError:
         sys.exit(
-            "xent_ext: building needs PyTorch in the same environment, and none is installed.\n"
-            "  Install it first, then build against it without build isolation:\n"
+            "xent_ext: building needs PyTorch, and this build environment has none.\n"
+            "  pip's default build isolation builds in a fresh environment, without the torch\n"
+            "  you have. Install torch first (if you have not), then build against it:\n"
             "    pip install torch\n"
             "    pip install --no-build-isolation .\n"
-            "  (pip's default build isolation hides the installed torch from the build.)"
         )
     return torch
 
@@ -61,17 +64,39 @@ from torch.utils.cpp_extension import (  # noqa: E402
 )
 
 
-def want_cuda() -> bool:
+def why_no_cuda() -> str | None:
+    """None when the CUDA sources will be built, else the reason they will not."""
     if os.environ.get("XENT_FORCE_CPU", "0") == "1":
-        return False
+        return "XENT_FORCE_CPU=1"
     # Decided from the toolchain, never from torch.cuda.is_available(): CI compiles the CUDA
     # sources on machines without a GPU.
-    ok = torch.version.cuda is not None and CUDA_HOME is not None
-    if not ok and os.environ.get("XENT_REQUIRE_CUDA", "0") == "1":
-        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found"
-        sys.exit(f"xent_ext: XENT_REQUIRE_CUDA=1 but the CUDA sources cannot be built: {why} "
-                 "(set CUDA_HOME to the toolkit)")
-    return ok
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (nvcc; set CUDA_HOME to the toolkit)"
+    return None
+
+
+def want_cuda() -> bool:
+    why = why_no_cuda()
+    if why is not None and os.environ.get("XENT_REQUIRE_CUDA", "0") == "1":
+        sys.exit(f"xent_ext: XENT_REQUIRE_CUDA=1 but the CUDA sources cannot be built: {why}")
+    return why is None
+
+
+def say_what_is_built() -> None:
+    """One line at every build: a build that silently goes CPU-only is a trap on a GPU
+    machine, and the other way round a CUDA compile is minutes on a machine without a GPU."""
+    if with_cuda:
+        what = f"the CPU and CUDA kernels (architectures {os.environ['TORCH_CUDA_ARCH_LIST']})"
+    else:
+        what = f"the CPU kernels only ({why_no_cuda()})"
+    print(f"xent_ext: building {what} against torch {torch.__version__}", file=sys.stderr,
+          flush=True)
+    if with_cuda and os.environ.get("XENT_REQUIRE_CUDA") != "1" and not torch.cuda.is_available():
+        print("xent_ext: no CUDA device here, so the CUDA kernels (minutes to compile) cannot "
+              "run; XENT_FORCE_CPU=1 (make test-cpu) builds without them", file=sys.stderr,
+              flush=True)
 
 
 def sources(pattern: str) -> list[str]:
@@ -89,16 +114,25 @@ class IncrementalBuildExtension(BuildExtension):
 
     def finalize_options(self):
         super().finalize_options()
-        plat = f"{sys.platform}-{sys.implementation.cache_tag}"
+        # CPU-only objects apart (their flags differ): switching between `make test-cpu` and
+        # `make test` relinks instead of recompiling everything.
+        plat = f"{sys.platform}-{sys.implementation.cache_tag}" + ("" if with_cuda else "-cpu")
         self.build_temp = str(ROOT / "build" / f"temp.{plat}")
 
     def run(self):
-        write_build_info(with_cuda)
+        say_what_is_built()
         super().run()
+        # After a successful build only, so that the record always describes the _C beside it:
+        # in the source tree for in-place and editable builds, else in build_lib, where a
+        # wheel collects the package from (build_py has copied the sources there already).
+        if self.inplace or getattr(self, "editable_mode", False):
+            write_build_info(ROOT / "xent_ext", with_cuda)
+        else:
+            write_build_info(Path(self.build_lib) / "xent_ext", with_cuda)
 
 
-def write_build_info(cuda: bool) -> None:
-    """xent_ext/_build_info.py: what this build was compiled against, read at import time (an
+def write_build_info(package_dir: Path, cuda: bool) -> None:
+    """_build_info.py: what this build was compiled against, read at import time (an
     extension built against one torch fails obscurely, or crashes, under another)."""
     text = (
         "# Written by setup.py at build time; not under version control.\n"
@@ -106,9 +140,15 @@ def write_build_info(cuda: bool) -> None:
         f"TORCH_CUDA = {torch.version.cuda if cuda else None!r}\n"
         f"CUDA_ARCHS = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if cuda else ''!r}\n"
     )
-    path = ROOT / "xent_ext" / "_build_info.py"
-    if not path.exists() or path.read_text() != text:
+    path = package_dir / "_build_info.py"
+    if package_dir.is_dir() and (not path.exists() or path.read_text() != text):
         path.write_text(text)
+
+
+def read_version() -> str:
+    """xent_ext/_version.py, read as text: importing the package would need the extension."""
+    text = (ROOT / "xent_ext" / "_version.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 # The C++ standard is left to torch (C++17 or C++20, by version).
@@ -152,8 +192,9 @@ else:
 
 setup(
     name="xent_ext",
-    version="0.2.0",
+    version=read_version(),
     description="Fused cross-entropy for PyTorch: loss and gradient in one pass",
+    license="MIT",
     packages=find_packages(include=["xent_ext", "xent_ext.*"]),
     ext_modules=[Extension("xent_ext._C", srcs, **ext_kwargs)],
     cmdclass={"build_ext": IncrementalBuildExtension.with_options(use_ninja=True)},

@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         png_path = json_path.with_suffix(".png")
         try:
-            plot.plot(result.cells, png_path, f"cross-entropy, {info['device_name']}, "
-                      f"torch {info['torch_version']}")
+            plot.plot(result.cells, png_path, info)
             print(f"wrote {png_path}")
         except Exception as e:  # a plotting problem must not lose the measured numbers
             print(f"plot failed ({type(e).__name__}: {e}); numbers are in the JSON",

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import xent_ext
 
+from .skip_summary import pytest_terminal_summary  # noqa: F401  (a hook: why tests skipped)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

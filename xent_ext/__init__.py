@@ -5,14 +5,24 @@
     criterion = xent_ext.CrossEntropyLoss()            # same constructor as nn.CrossEntropyLoss
     with xent_ext.patch():                             # route F.cross_entropy to xent_ext
         ...
+
+`python -m xent_ext` prints what is in use (versions, CUDA, CPU instruction set, threads).
 """
 
+from . import _torch_check
+
+# Before anything loads the compiled _C: under another torch it would fail obscurely. (The
+# imports below it are exempt from E402 in pyproject.toml.)
+_torch_check.check()
+
 from . import _ops, reference
-from ._C import cpu_isa, empty_cpu_cache, has_cuda, set_cpu_isa
+from ._C import cpu_isa, empty_cpu_cache, set_cpu_isa
+from ._capabilities import about, cuda_available, has_cuda
+from ._version import __version__
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .patching import is_patched, patch, unpatch
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "patch", "unpatch", "is_patched", "reference",
-           "cpu_isa", "set_cpu_isa", "has_cuda", "empty_cpu_cache", "_ops"]
-__version__ = "0.1.0"
+           "cpu_isa", "set_cpu_isa", "has_cuda", "cuda_available", "about", "empty_cpu_cache",
+           "_ops", "__version__"]
