@@ -151,13 +151,17 @@ def test_repeated_backward_is_right(reduction):
     torch.testing.assert_close(x.grad, 2 * torch.autograd.grad(ref.sum(), x)[0])
 
 
-def test_repeated_backward_after_zero_upstream_is_loud():
+def test_repeated_backward_after_zero_upstream_is_exact():
+    """A first incoming gradient of exactly 0 for a row: the next backward through the retained
+    graph is still torch's (the buffer is not rescaled; the kernel runs again)."""
     x = random_logits((3, 5), torch.float32, "cpu").requires_grad_()
-    loss = xent_ext.cross_entropy(x, random_targets((3,), 5, "cpu"), reduction="none")
-    (g0,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 2.0]), retain_graph=True)
-    assert bool((g0[1] == 0).all())
-    (g1,) = torch.autograd.grad(loss, x, torch.ones(3))
-    assert bool(g1[1].isnan().all()) and bool(torch.isfinite(g1[[0, 2]]).all())
+    t = random_targets((3,), 5, "cpu")
+    loss = xent_ext.cross_entropy(x, t, reduction="none")
+    ref = F.cross_entropy(x, t, reduction="none")
+    for g_out in (torch.tensor([1.0, 0.0, 2.0]), torch.ones(3), torch.tensor([0.0, 0.5, 0.0])):
+        (g,) = torch.autograd.grad(loss, x, g_out, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, x, g_out, retain_graph=True)
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_lse_is_float32_and_matches():
