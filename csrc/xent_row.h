@@ -104,15 +104,17 @@ XENT_HD MaxSum<T> ms_empty() {
 }
 
 // Merge two slices.  A slice whose max is -inf contributes nothing; without the guard,
-// exp(-inf - -inf) would turn the sum into NaN for rows that start with masked entries.
+// exp(-inf - -inf) would turn the sum into NaN for rows that start with masked entries.  Its
+// sum still enters as sum * 0: a NaN logit seen while the slice's max was -inf left the max
+// at -inf and the sum NaN (ms_push), and that NaN must poison the row.
 template <typename T>
 XENT_HD MaxSum<T> ms_combine(MaxSum<T> a, MaxSum<T> b) {
   // NaN in either max must poison the result; the comparison below would drop it.
   if (a.max != a.max || b.max != b.max) return {a.max + b.max, a.sum + b.sum};
   const T m = a.max > b.max ? a.max : b.max;
-  if (m == neg_inf<T>()) return {m, T(0)};
-  const T sa = a.max == neg_inf<T>() ? T(0) : a.sum * exp(a.max - m);
-  const T sb = b.max == neg_inf<T>() ? T(0) : b.sum * exp(b.max - m);
+  if (m == neg_inf<T>()) return {m, a.sum * T(0) + b.sum * T(0)};
+  const T sa = a.max == neg_inf<T>() ? a.sum * T(0) : a.sum * exp(a.max - m);
+  const T sb = b.max == neg_inf<T>() ? b.sum * T(0) : b.sum * exp(b.max - m);
   return {m, sa + sb};
 }
 

@@ -228,6 +228,12 @@ def _nonfinite_rows(c, seed):
     x[9, 0] = INF
     x[9, 1] = INF  # two +inf
     t[6:9] = -100
+    # A NaN among -inf entries: the lane, slice or cluster block that holds it has max -inf
+    # and a NaN sum, which the combine with the finite part must keep.
+    x[10, :] = -INF
+    x[10, 0] = 1.5
+    x[10, c - 1] = NAN
+    t[10] = 0
     return x, t
 
 
