@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RED = {"none": 0, "mean": 1, "sum": 2}
 # An H100-like device by default; the tests shrink it to reach the other regimes.
-H100 = {"sms": 132, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
+H100 = {"sms": 132, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024, "max_cluster": 16}
+# An A100-like device: no thread-block clusters.
+A100 = {"sms": 108, "smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024, "max_cluster": 1}
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -46,7 +48,7 @@ def emu_forward(emu, x, t, weight=None, reduction="mean", ignore_index=-100, ls=
     """cross_entropy_fwd through the emulated CUDA path; x is (N, C, S)."""
     return emu.forward(x, t, weight, RED[reduction], ignore_index, ls, logit_scale, softcap,
                        z_loss, grad, regime, dev["sms"], dev["smem_optin"], dev["smem_per_sm"],
-                       inplace)
+                       dev.get("max_cluster", 1), inplace)
 
 
 def assert_close_nan(actual, expected, tol, what):
@@ -79,22 +81,33 @@ def emu_data(n, c, s, dtype, seed, offset=0):
     return x, t, q, w
 
 
-# (name, N, C, S, regime forced, device, regimes the plan may pick (by dtype))
+# (name, N, C, S, regime forced, device, regimes the plan may pick (by dtype)).  A name with
+# "transposed" expects the K-dim input to run as rows of a transposed copy.
 SHAPES = [
-    ("group8", 9, 10, 1, "group", H100, ("group",)),  # rows this short are strided unforced
+    ("group8", 9, 10, 1, "group", H100, ("group",)),
     ("group32", 7, 100, 1, "group", H100, ("group",)),
-    ("strided-short-rows", 9, 100, 1, "auto", H100, ("strided",)),
-    ("group32x4", 5, 480, 1, "auto", H100, ("group", "block")),  # f32: 4 items per lane
-    ("group32x4h", 5, 1000, 1, "auto", H100, ("group", "block")),  # 16-bit: 4 items per lane
-    ("block", 5, 3001, 1, "auto", H100, ("block",)),
+    ("group-short-rows", 9, 100, 1, "auto", H100, ("group",)),
+    ("group-tiny-rows", 37, 5, 1, "auto", H100, ("group",)),  # two lanes per row
+    ("group32x4", 5, 480, 1, "auto", H100, ("group", "regs")),  # f32: 4 items per lane
+    ("group32x4h", 5, 1000, 1, "auto", H100, ("group", "regs")),  # 16-bit: 4 items per lane
+    ("regs", 5, 3001, 1, "auto", H100, ("regs",)),
+    ("regs-cluster", 3, 20001, 1, "auto", H100, ("regs",)),  # few rows: many blocks per row
+    ("regs-cluster-many", 40, 20001, 1, "auto", dict(H100, sms=8), ("regs",)),
+    ("regs-a100", 5, 20001, 1, "auto", A100, ("regs", "block")),  # f32, f64: too long for one
+    ("block", 5, 3001, 1, "block", H100, ("block",)),
     ("block-partial-cache", 3, 4099, 1, "block", dict(H100, smem_optin=6144), ("block",)),
     ("split", 3, 20001, 1, "split", dict(H100, sms=8), ("split",)),
     # One SM: a few resident blocks walk many rows each (the group regime stages the next row
     # while working on the current one; the block regime reuses its cache row after row).
     ("group8-many-rows", 300, 10, 1, "group", dict(H100, sms=1), ("group",)),
-    ("group32x4-many-rows", 90, 1000, 1, "auto", dict(H100, sms=1), ("group", "block")),
-    ("block-many-rows", 40, 3001, 1, "auto", dict(H100, sms=1), ("block",)),
-    ("kdim-transposed", 2, 600, 3, "auto", H100, ("group", "block")),
+    ("group32x4-many-rows", 90, 1000, 1, "auto", dict(H100, sms=1), ("group", "regs")),
+    ("regs-many-rows", 40, 3001, 1, "auto", dict(H100, sms=1), ("regs",)),
+    ("block-many-rows", 40, 3001, 1, "block", dict(H100, sms=1), ("block",)),
+    ("kdim-300", 2, 300, 3, "auto", H100, ("kdim",)),
+    ("kdim-tiles", 3, 21, 70, "auto", H100, ("kdim",)),  # partial last tile
+    ("kdim-aligned", 2, 45, 64, "auto", H100, ("kdim",)),  # 16-byte class rows: cp.async
+    ("kdim-transposed", 2, 900, 3, "auto", dict(H100, smem_optin=48 * 1024), ("group", "regs")),
     ("strided-rows", 5, 37, 1, "strided", H100, ("strided",)),  # forced on contiguous rows
-    ("strided", 3, 7, 5, "auto", H100, ("strided",)),
+    ("strided", 3, 7, 5, "strided", H100, ("strided",)),
+    ("kdim-small", 3, 7, 5, "auto", H100, ("kdim",)),
 ]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import xent_ext
 
 from .emu_support import (
+    A100,
     DTYPES,
     H100,
     RED,
@@ -48,8 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 
 # Kernel families of csrc/cuda (mangled names contain these).
-KERNEL_FAMILIES = ("group_rows_kernel", "block_rows_kernel", "split_stats_kernel",
-                   "split_grad_kernel", "strided_kernel", "scale_grad_kernel")
+KERNEL_FAMILIES = ("group_rows_kernel", "regs_rows_kernel", "kdim_tile_kernel",
+                   "block_rows_kernel", "split_stats_kernel", "split_grad_kernel",
+                   "strided_kernel", "scale_grad_kernel")
 # Mangled template arguments <scalar_t, VEC> of the vectorised kernels.
 VEC_DTYPES = {"bfloat16": "IN3c108BFloat16ELi8E", "float16": "IN3c104HalfELi8E",
               "float32": "IfLi4E"}
@@ -193,9 +195,11 @@ def _sass(arch: str) -> dict[str, str]:
 
 def _hot_kernels(sass: dict[str, str], dtype_pattern: str) -> dict[str, dict[str, str]]:
     """The vectorised row kernels of one dtype with class-index targets (template arg kProb =
-    false), by family: group (largest tile), block (each thread count), split."""
+    false), by family: group (largest tile), regs (every items-per-thread count, each variant),
+    block (each thread count), split."""
     wanted = {
         "group_rows_kernel": re.compile(r"17group_rows_kernel" + dtype_pattern + r"Li32ELi4ELb0E"),
+        "regs_rows_kernel": re.compile(r"16regs_rows_kernel" + dtype_pattern),
         "block_rows_kernel": re.compile(r"17block_rows_kernel" + dtype_pattern + r"Lb0E"),
         "split_stats_kernel": re.compile(r"18split_stats_kernel" + dtype_pattern + r"Lb0E"),
         "split_grad_kernel": re.compile(r"17split_grad_kernel" + dtype_pattern + r"Lb0E"),
@@ -223,6 +227,25 @@ def test_hot_kernels_use_128bit_loads(arch, dtype):
             assert LDG128.search(text), f"{arch} {name}: no 128-bit global load"
             if family != "split_stats_kernel":
                 assert STG128.search(text), f"{arch} {name}: no 128-bit gradient store"
+
+
+# cp.async of 16 bytes into shared memory (LDGSTS.E.BYPASS.128, LDGSTS.E.BYPASS.LTC128B.128, ...)
+LDGSTS128 = re.compile(r"\bLDGSTS(?:\.[A-Z0-9_]+)*\.128\b")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kdim_tiles_copy_16_bytes_at_a_time(arch):
+    """The K-dim tile kernel stages 32 spatial positions of a class at once: its copies into
+    shared memory are 16-byte cp.async (LDGSTS.128) along the spatial dimension, and the
+    gradient goes out with 16-byte stores."""
+    _require_cuda_build()
+    if arch not in _resource_usage():
+        _unavailable(f"the extension was not built for {arch} (TORCH_CUDA_ARCH_LIST)")
+    kernels = {n: t for n, t in _sass(arch).items() if "16kdim_tile_kernel" in n}
+    assert kernels, f"{arch}: no kdim_tile_kernel"
+    for name, text in kernels.items():
+        assert LDGSTS128.search(text), f"{arch} {name}: no 16-byte cp.async"
+        assert STG128.search(text), f"{arch} {name}: no 128-bit gradient store"
 
 
 def test_sass_pattern_matches_known_spellings():
@@ -258,8 +281,10 @@ def test_emulated_regimes_match_torch(emu, shape, dtype):
     for case in cases:
         target, kw = case["target"], case["kw"]
         loss, lse, grad, plan = emu_forward(emu, x, target, regime=regime, dev=dev, **kw)
-        assert plan.startswith(expect), (plan, expect)
-        assert ("transposed" in plan) == (s > 1 and c >= 512), plan
+        # The regs regime takes class-index targets only: probability targets, the block one.
+        prob_alt = ("block",) if target.is_floating_point() and "regs" in expect else ()
+        assert plan.startswith(expect + prob_alt), (plan, expect)
+        assert ("transposed" in plan) == ("transposed" in name), plan
         # Reference: F.cross_entropy in float64 on the same values, in the caller's layout.
         x64 = x.double().requires_grad_()
         xr = x64 if s > 1 else x64[:, :, 0]
@@ -330,7 +355,8 @@ def test_emulated_extensions_match_cpu_float64(emu, shape, opts):
     for target in (t, q):
         loss, lse, g, plan = emu_forward(emu, x, target, regime=regime, dev=dev, reduction=red,
                                          grad=grad, **opts)
-        assert plan.startswith(expect), (plan, expect)
+        prob_alt = ("block",) if target.is_floating_point() and "regs" in expect else ()
+        assert plan.startswith(expect + prob_alt), (plan, expect)
         ref = torch.ops.xent_ext.cross_entropy_fwd(
             x.double(), target.double() if target.is_floating_point() else target, None,
             RED[red], -100, opts.get("ls", 0.0), opts.get("logit_scale", 1.0),
@@ -388,18 +414,23 @@ def test_emulated_out_of_range_target_asserts(emu, shape):
 
 
 @pytest.mark.parametrize("dtype, n, c, dev, plan_prefix", [
-    (torch.bfloat16, 4, 10, H100, "strided"),
-    (torch.bfloat16, 4, 128, H100, "strided"),
+    (torch.bfloat16, 4, 10, H100, "group vec=8 group=4 nv=1"),  # a warp or less per row
+    (torch.bfloat16, 4, 128, H100, "group vec=8 group=16 nv=1"),  # aligned: 16 items
     (torch.bfloat16, 4, 129, H100, "group vec=8 group=32 nv=1"),
     (torch.float32, 4, 129, H100, "group vec=4 group=32 nv=2"),
     (torch.float32, 4, 480, H100, "group vec=4 group=32 nv=4"),
     (torch.bfloat16, 4, 1000, H100, "group vec=8 group=32 nv=4"),
-    (torch.bfloat16, 4, 1100, H100, "block vec=8"),
-    (torch.float64, 4, 300, H100, "block vec=2"),
-    (torch.bfloat16, 3, 65536, H100, "split vec=8"),
-    (torch.bfloat16, 200, 65536, H100, "block vec=8"),  # 128 KiB rows: 512 threads
-    (torch.bfloat16, 200, 16384, H100, "block vec=8"),  # 32 KiB rows: 256 threads
-    (torch.float32, 2, 40000, dict(H100, sms=108), "split vec=4"),
+    (torch.bfloat16, 4, 1100, H100, "group vec=8 group=32 nv=8"),
+    (torch.float64, 4, 300, H100, "group vec=2 group=32 nv=8"),
+    (torch.bfloat16, 4, 2100, H100, "regs vec=8"),
+    (torch.float64, 4, 600, H100, "regs vec=2"),
+    (torch.bfloat16, 3, 65536, H100, "regs vec=8"),  # few rows: a cluster of 16 per row
+    (torch.bfloat16, 200, 65536, H100, "regs vec=8"),
+    (torch.bfloat16, 200, 16384, H100, "regs vec=8"),
+    (torch.float32, 2, 40000, dict(H100, sms=108), "regs vec=4"),
+    (torch.bfloat16, 3, 65536, A100, "split vec=8"),  # no clusters: too long for one block
+    (torch.bfloat16, 200, 65536, A100, "block vec=8"),
+    (torch.bfloat16, 200, 16384, A100, "regs vec=8"),  # fits one block's registers
 ], ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else None)
 def test_emulated_plan_choices(emu, dtype, n, c, dev, plan_prefix):
     x, t, _, _ = _data(n, c, 1, dtype, seed=1)
@@ -407,18 +438,21 @@ def test_emulated_plan_choices(emu, dtype, n, c, dev, plan_prefix):
     assert plan.startswith(plan_prefix), plan
     assert torch.isfinite(loss)
     if plan.startswith("block"):
-        assert ("x512+" in plan) == (c * x.element_size() > 114 * 1024), plan
+        big = c * x.element_size() > (dev["smem_per_sm"] - 2 * 2048) // 2
+        assert ("x512+" in plan) == big, plan
 
 
-def test_emulated_loss_only_stages_the_row_in_shared_memory(emu):
-    """Without a gradient the block regime still copies the row into shared memory: the
-    asynchronous copies are what keeps enough of it in flight."""
-    x, t, _, _ = _data(6, 5000, 1, torch.bfloat16, seed=4)
-    loss, _, grad, plan = emu_forward(emu, x, t, grad=False)
-    assert plan.startswith("block") and "cache_items=0" not in plan, plan
-    assert grad.numel() == 0
-    ref = F.cross_entropy(x.double()[:, :, 0], t[:, 0])
-    _assert_close(loss, ref, 1.6e-2, "loss")
+def test_emulated_loss_only_streams_the_row(emu):
+    """Without a gradient the regs regime is a pure streaming reduction: no shared memory, and
+    rows longer than a block's registers are taken R items per thread at a time."""
+    for n, c, dev in ((6, 5000, H100), (2, 70001, A100)):
+        x, t, _, _ = _data(n, c, 1, torch.bfloat16, seed=4)
+        loss, lse, grad, plan = emu_forward(emu, x, t, grad=False, dev=dev, regime="regs")
+        assert plan.startswith("regs") and plan.endswith("+0]"), plan
+        assert grad.numel() == 0
+        ref = F.cross_entropy(x.double()[:, :, 0], t[:, 0])
+        _assert_close(loss, ref, 1.6e-2, "loss")
+        _assert_close(lse, torch.logsumexp(x.double(), 1), 1e-5, "lse")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])

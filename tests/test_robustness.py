@@ -48,8 +48,9 @@ class Path:
 # CPU kernels, reached by the shape of the call.
 _CPU_SHAPES = [("lanes", 6, 7, 1, None), ("kdim-lanes", 2, 5, 3, None), ("rows", 6, 300, 1, None),
                ("rows-chunks", 3, 4500, 1, None), ("split", 1, 9000, 1, 4)]
-_EMU = ("group8", "group32", "strided-short-rows", "group32x4h", "block", "block-partial-cache",
-        "split", "kdim-transposed", "strided")
+_EMU = ("group8", "group32", "group-short-rows", "group-tiny-rows", "group32x4h", "regs",
+        "regs-cluster", "regs-a100", "block", "block-partial-cache", "split", "kdim-300",
+        "kdim-tiles", "kdim-aligned", "kdim-transposed", "strided")
 PATHS = [Path(f"cpu-{isa}-{name}", n, c, s, isa=isa, threads=th)
          for isa in cpu_isas() for name, n, c, s, th in _CPU_SHAPES]
 PATHS += [Path(f"emu-{name}", n, c, s, regime=regime, dev=dev)

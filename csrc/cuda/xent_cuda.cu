@@ -6,8 +6,9 @@
 // xent_kernels_<dtype>.cu (xent_cuda_launcher.h).
 //
 // XENT_CUDA_REGIME (environment, read at each call) forces a regime for tests and benchmarks:
-// group, block, block_scalar, split, strided (K-dim inputs stay strided, not transposed) or
-// auto (the default); a regime that cannot run the shape falls back to the automatic choice.
+// group, regs, block, block_scalar, split, strided (K-dim inputs stay strided, not tiled or
+// transposed) or auto (the default); a regime that cannot run the shape falls back to the
+// automatic choice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,7 +32,13 @@ namespace {
 
 using cuda::DeviceProps;
 
+// Queried once per device (three attribute reads would otherwise be part of every call).
 DeviceProps device_props(int device) {
+  static std::mutex mu;
+  static std::map<int, DeviceProps> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
   DeviceProps d{};
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
@@ -40,12 +47,30 @@ DeviceProps device_props(int device) {
   d.smem_optin = v;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   d.smem_per_sm = v;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  // Thread-block clusters from sm_90: up to 16 blocks with the non-portable size attribute on
+  // sm_90 / sm_100 (8 portable elsewhere).
+  d.max_cluster = major < 9 ? 1 : (major == 9 || major == 10) ? 16 : 8;
+  known.emplace(device, d);
   return d;
 }
 
 }  // namespace
 
 namespace cuda {
+void allow_large_clusters(const void* kernel) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> allowed;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mu);
+  bool& done = allowed[{kernel, device}];
+  if (done) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  done = true;
+}
+
 void allow_dynamic_smem(const void* kernel, int64_t bytes) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, int64_t> allowed;

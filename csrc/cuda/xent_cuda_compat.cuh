@@ -15,15 +15,34 @@
 #include "emu/xent_emu_runtime.h"
 
 #define XENT_DEV inline
-#define XENT_SHARED static  // one block runs at a time: a static is the block's shared memory
 
 namespace xent {
 namespace cuda {
 inline unsigned char* dynamic_smem() {
   return ::xent_emu::dynamic_smem();
 }
+// A block's own static shared array, one per instantiation (as a __shared__ array declared in a
+// device function template).
+template <typename T, int N, int Tag = 0>
+inline T* block_scratch() {
+  static const char key = 0;
+  return static_cast<T*>(::xent_emu::static_smem(&key, sizeof(T) * N));
+}
 inline void sync_block() {
   ::xent_emu::sync_block();
+}
+inline unsigned cluster_rank() {
+  return ::xent_emu::cluster_rank();
+}
+inline unsigned cluster_size() {
+  return ::xent_emu::cluster_size();
+}
+inline void sync_cluster() {
+  ::xent_emu::sync_cluster();
+}
+template <typename T>
+inline const T* cluster_map(const T* p, unsigned rank) {
+  return static_cast<const T*>(::xent_emu::cluster_map(p, rank));
 }
 template <typename T>
 inline T shfl_xor(T v, int lane_mask) {
@@ -38,6 +57,9 @@ inline void async_wait_all() {}
 inline void async_commit() {}
 template <int N>
 inline void async_wait_pending() {}
+// No-op here (see the CUDA version).
+template <typename P>
+inline void forget(P&) {}
 inline float fast_exp(float x) {
   return std::exp(x);
 }
@@ -53,7 +75,6 @@ inline double fast_exp(double x) {
 #include <cuda_runtime.h>
 
 #define XENT_DEV __device__ __forceinline__
-#define XENT_SHARED __shared__
 
 namespace xent {
 namespace cuda {
@@ -61,8 +82,49 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char xent_dynamic_smem[];
   return xent_dynamic_smem;
 }
+// A block's static shared array, one per instantiation.
+template <typename T, int N, int Tag = 0>
+__device__ __forceinline__ T* block_scratch() {
+  __shared__ __align__(16) T buf[N];
+  return buf;
+}
 __device__ __forceinline__ void sync_block() {
   __syncthreads();
+}
+// Thread-block clusters (sm_90): this block's rank in its cluster, the cluster's size, a barrier
+// of every thread of the cluster (release / acquire: shared-memory writes before it are seen by
+// the cluster's blocks after it), and the address of a shared-memory location in another block
+// of the cluster (distributed shared memory).  Compiled for an earlier architecture, or launched
+// without a cluster, a block is a cluster of one.
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return __clusterRelativeBlockRank();
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return __clusterSizeInBlocks();
+#else
+  return 1;
+#endif
+}
+__device__ __forceinline__ void sync_cluster() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+#else
+  __syncthreads();
+#endif
+}
+template <typename T>
+__device__ __forceinline__ const T* cluster_map(const T* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<const T*>(__cluster_map_shared_rank(p, rank));
+#else
+  return p;
+#endif
 }
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int lane_mask) {
@@ -103,6 +165,18 @@ __device__ __forceinline__ void async_wait_pending() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
+}
+// Makes the compiler forget what it knows of the 16-byte value v (no instruction is emitted):
+// values it derived from v before (converted logits) are recomputed from v after this point
+// instead of being kept alive in registers across it.  The regs regime holds a row slice in
+// registers as packed 16-bit values; without this the compiler keeps their float conversions
+// from the first sweep for the second, twice the registers, and spills.
+template <typename P>
+__device__ __forceinline__ void forget(P& v) {
+  static_assert(sizeof(P) % 4 == 0, "whole 32-bit words");
+  unsigned* w = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(P) / 4); ++i) asm volatile("" : "+r"(w[i]));
 }
 // exp for the sweeps over a row: ex2.approx of x * log2(e) (__expf), two instructions.  Its
 // relative error is about 2^-22 plus |x| * 2^-24 from rounding the product: below 1e-6 for

@@ -44,10 +44,18 @@ Plan run_rows(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& la
         k.smooth = a.opt.label_smoothing > 0.f;
 
         const uintptr_t off = offset16(k.x);
-        const bool vec_ok = (k.g == nullptr || offset16(k.g) == off) &&
-                            (k.t_prob == nullptr || offset16(k.t_prob) == off);
-        plan = plan_forward(k.rows, k.opt.num_classes, k.S, sizeof(scalar_t), vec_ok, a.prob_target,
-                            dev, force);
+        PlanInput in{};
+        in.rows = k.rows;
+        in.C = k.opt.num_classes;
+        in.S = k.S;
+        in.elem = sizeof(scalar_t);
+        in.vec_ok = (k.g == nullptr || offset16(k.g) == off) &&
+                    (k.t_prob == nullptr || offset16(k.t_prob) == off);
+        in.aligned = in.vec_ok && off == 0 && (in.C * in.elem) % 16 == 0;
+        in.prob = a.prob_target;
+        in.grad = k.g != nullptr;
+        in.plain = k.em.kind == Tf::kPlain && !k.smooth;
+        plan = plan_forward(in, dev, force);
         k.cache_items = static_cast<int>(plan.cache_items);
         k.splits = static_cast<int>(plan.splits);
         k.slice_items = static_cast<int>(plan.slice_items);
@@ -68,18 +76,22 @@ Plan run_rows(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& la
   return plan;
 }
 
-// K-dim inputs with this many classes or more are transposed to contiguous rows, run through the
-// row regimes, and their gradient transposed back: two more passes over the logits and two over
-// the gradient, against one thread walking each row of C strided classes (fine for a few classes
-// and many positions, as in segmentation; far from the memory bandwidth for large C).
-constexpr int64_t kTransposeMinClasses = 512;
-
-// The forward's kernels for `a`: K-dim inputs with large C through a transposed copy, all else
-// directly.  Returns the plan used.
+// The forward's kernels for `a`: K-dim inputs whose tile does not fit the K-dim regime's shared
+// memory (and with many classes) through a transposed copy run as contiguous rows (two more
+// passes over the logits and two over the gradient), all else directly.  Returns the plan used.
 template <typename Launcher>
 Plan run_forward(ForwardArgs& a, const DeviceProps& dev, Regime force, Launcher& launch) {
   const int64_t N = a.input.size(0), C = a.input.size(1), S = a.input.size(2);
-  if (S == 1 || C < kTransposeMinClasses || force == Regime::kStrided) {
+  const PlanInput in{N * S,
+                     C,
+                     S,
+                     static_cast<int>(a.input.element_size()),
+                     true,
+                     false,
+                     a.prob_target,
+                     a.grad.defined(),
+                     false};
+  if (S == 1 || !plan_forward(in, dev, force).transposed) {
     return run_rows(a, dev, force, launch);
   }
   ForwardArgs b = a;

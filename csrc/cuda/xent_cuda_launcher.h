@@ -21,13 +21,36 @@ namespace cuda {
 // kernel on the current device (no stream operation).  Set once per kernel, device and size.
 void allow_dynamic_smem(const void* kernel, int64_t bytes);
 
+// More than 8 blocks in a cluster needs the kernel's non-portable-cluster attribute (sm_90).
+void allow_large_clusters(const void* kernel);
+
+// Launches on the stream, with a cluster of `cluster` blocks along x when cluster > 1 (the grid
+// is then a whole number of clusters), and checks the launch.
 struct CudaLauncher {
   cudaStream_t stream;
   template <typename Arg>
-  void operator()(void (*kernel)(Arg), dim3 grid, dim3 block, int64_t smem, const Arg& arg) {
+  void operator()(void (*kernel)(Arg), dim3 grid, dim3 block, int64_t smem, const Arg& arg,
+                  unsigned cluster = 1) {
     if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, block, static_cast<size_t>(smem), stream>>>(arg);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (cluster <= 1) {
+      kernel<<<grid, block, static_cast<size_t>(smem), stream>>>(arg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (cluster > 8) allow_large_clusters(reinterpret_cast<const void*>(kernel));
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, arg));
   }
 };
 

@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <map>
 #include <string>
 #include <tuple>
 
@@ -25,14 +26,21 @@ EmuConfig& config() {
   return c;
 }
 
+std::string plan_text(const xent::cuda::Plan& p) {
+  return std::string(xent::cuda::regime_name(p.regime)) + " vec=" + std::to_string(p.vec) +
+         " group=" + std::to_string(p.group) + " nv=" + std::to_string(p.nv) +
+         " splits=" + std::to_string(p.splits) + " cache_items=" + std::to_string(p.cache_items) +
+         " items_per_thread=" + std::to_string(p.items_per_thread) +
+         " cluster=" + std::to_string(p.cluster) + (p.aligned ? " aligned" : "") +
+         (p.plain ? " plain" : "");
+}
+
 void emu_kernel(xent::ForwardArgs& a) {
   EmuConfig& c = config();
   xent_emu::Launcher launch{c.dev.smem_optin - 1024, {}};
   xent_emu::rt().asserts = 0;
   const xent::cuda::Plan p = xent::cuda::run_forward(a, c.dev, c.force, launch);
-  c.plan = std::string(xent::cuda::regime_name(p.regime)) + " vec=" + std::to_string(p.vec) +
-           " group=" + std::to_string(p.group) + " nv=" + std::to_string(p.nv) +
-           " splits=" + std::to_string(p.splits) + " cache_items=" + std::to_string(p.cache_items);
+  c.plan = plan_text(p);
   if (p.transposed) c.plan += " transposed";
   for (const std::string& l : launch.launched) c.plan += " [" + l + "]";
   if (xent_emu::rt().asserts > 0) {
@@ -44,10 +52,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     double softcap, double z_loss, bool compute_grad, const std::string& regime, int64_t sms,
-    int64_t smem_optin, int64_t smem_per_sm, bool inplace) {
+    int64_t smem_optin, int64_t smem_per_sm, int64_t max_cluster, bool inplace) {
   TORCH_CHECK(input.device().is_cpu(), "the emulation runs on CPU tensors");
   EmuConfig& c = config();
-  c.dev = xent::cuda::DeviceProps{static_cast<int>(sms), smem_optin, smem_per_sm};
+  c.dev = xent::cuda::DeviceProps{static_cast<int>(sms), smem_optin, smem_per_sm,
+                                  static_cast<int>(max_cluster)};
   c.force = xent::cuda::regime_from_name(regime.c_str());
   c.plan = "none";
   const xent::GradMode mode = !compute_grad ? xent::GradMode::kNone
@@ -72,7 +81,41 @@ std::string scale_grad(at::Tensor grad, const at::Tensor& scale, int64_t sms) {
 
 }  // namespace
 
+// The plan the CUDA backend would make for a call, without running anything: for the static
+// performance model (tests/test_cuda_model.py).
+std::map<std::string, int64_t> plan(int64_t rows, int64_t C, int64_t S, int64_t elem, bool vec_ok,
+                                    bool aligned, bool prob, bool grad, bool plain, int64_t sms,
+                                    int64_t smem_optin, int64_t smem_per_sm, int64_t max_cluster,
+                                    const std::string& regime) {
+  const xent::cuda::DeviceProps dev{static_cast<int>(sms), smem_optin, smem_per_sm,
+                                    static_cast<int>(max_cluster)};
+  const xent::cuda::PlanInput in{rows, C,    S,    static_cast<int>(elem), vec_ok, aligned,
+                                 prob, grad, plain};
+  const xent::cuda::Plan p =
+      xent::cuda::plan_forward(in, dev, xent::cuda::regime_from_name(regime.c_str()));
+  return {{"regime", static_cast<int64_t>(p.regime)},
+          {"vec", p.vec},
+          {"group", p.group},
+          {"nv", p.nv},
+          {"items_per_thread", p.items_per_thread},
+          {"cluster", p.cluster},
+          {"threads", p.threads},
+          {"blocks", p.blocks},
+          {"grid_y", p.grid_y},
+          {"cache_items", p.cache_items},
+          {"smem", p.smem},
+          {"splits", p.splits},
+          {"slice_items", p.slice_items},
+          {"aligned", p.aligned ? 1 : 0},
+          {"plain", p.plain ? 1 : 0},
+          {"transposed", p.transposed ? 1 : 0}};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("plan", &plan, "plan_forward for a shape on a described device; returns the plan fields");
+  m.def("regime_name", [](int64_t r) {
+    return std::string(xent::cuda::regime_name(static_cast<xent::cuda::Regime>(r)));
+  });
   m.def("forward", &forward,
         "cross_entropy_fwd on CPU tensors through the CUDA kernels, emulated; returns (loss, lse, "
         "grad, plan)");
