@@ -102,6 +102,17 @@ def sanitize_cases() -> bool:
         # rows larger than shared memory: cached in part, 512 threads (f32, 512 KiB rows)
         ok &= _check("block partial cache", x_(8, 131072, torch.float32), t_(8, 131072),
                      reduction="sum")
+    # regs regime: the row in registers, one block (aligned and plain variants, odd C) and a
+    # thread-block cluster per row on sm_90 (distributed shared memory: racecheck's case)
+    ok &= _check("regs C=4096 plain", x_(24, 4096), t_(24, 4096))
+    ok &= _check("regs C=4099 smoothing", x_(24, 4099), t_(24, 4099), label_smoothing=0.1)
+    ok &= _check("regs cluster C=131072", x_(6, 131072), t_(6, 131072))
+    ok &= _check("regs cluster f32 odd", x_(3, 100003, torch.float32), t_(3, 100003),
+                 label_smoothing=0.1)
+    ok &= _loss_only("regs streaming", x_(4, 200000), t_(4, 200000))
+    # kdim regime: 32-position tiles, aligned and not, a partial last tile
+    ok &= _check("kdim tiles", x_(3, 300, torch.bfloat16, 64), t_(3, 300, 64))
+    ok &= _check("kdim partial tile", x_(2, 37, torch.float32, 45), t_(2, 37, 45))
     # scalar fallback: rows off a 16-byte boundary
     flat = x_(1, 12 * 3000 + 1).view(-1)
     ok &= _check("block_scalar misaligned", flat[1:].view(12, 3000), t_(12, 3000))
@@ -109,9 +120,11 @@ def sanitize_cases() -> bool:
     ok &= _check("split C=262147", x_(3, 262147), t_(3, 262147), label_smoothing=0.1)
     ok &= _check("split prob f32", x_(2, 70001, torch.float32), q_(2, 70001, torch.float32))
     ok &= _loss_only("split", x_(2, 70001), t_(2, 70001))
-    # strided regime: K-dim input
-    ok &= _check("strided K-dim", x_(4, 21, torch.bfloat16, 9, 7), t_(4, 21, 9, 7))
-    ok &= _check("K-dim transposed", x_(2, 600, torch.float16, 5), t_(2, 600, 5))
+    # K-dim input forced onto one thread per row
+    with _regime("strided"):
+        ok &= _check("strided K-dim", x_(4, 21, torch.bfloat16, 9, 7), t_(4, 21, 9, 7))
+    # K-dim rows whose tile does not fit shared memory: a transposed copy
+    ok &= _check("K-dim transposed", x_(2, 5000, torch.float16, 5), t_(2, 5000, 5))
     # backward with an upstream gradient other than 1 (scale_grad_)
     x = x_(6, 1000).requires_grad_()
     xent_ext.cross_entropy(x, t_(6, 1000), reduction="none").sum().mul(3.0).backward()
@@ -120,7 +133,7 @@ def sanitize_cases() -> bool:
     loss.backward(torch.arange(6, device=DEV, dtype=loss.dtype))
     # forced regimes on one shape
     x, t = x_(8, 20000), t_(8, 20000)
-    for regime in ("group", "block", "block_scalar", "split", "strided"):
+    for regime in ("group", "regs", "block", "block_scalar", "split", "strided"):
         with _regime(regime):
             ok &= _check(f"forced {regime}", x, t)
     torch.cuda.synchronize()

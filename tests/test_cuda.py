@@ -2,8 +2,8 @@
 every kernel regime (csrc/cuda/xent_kernels.cuh) and option.  Skipped without a GPU; the CPU
 emulation of the same kernels runs everywhere (tests/test_cuda_static.py).
 
-XENT_CUDA_REGIME forces a regime (group, block, block_scalar, split, strided); one that cannot run
-a shape falls back to the automatic choice, so every forced case is still checked.
+XENT_CUDA_REGIME forces a regime (group, regs, kdim, block, block_scalar, split, strided); one
+that cannot run a shape falls back to the automatic choice, so every forced case is still checked.
 """
 
 from __future__ import annotations
@@ -112,9 +112,11 @@ def check(x, target, upstream="ones", **kw):
     return loss, grad
 
 
-# Shapes by regime.  Automatic choice on an H100 / A100: C up to 128 -> strided (one thread
-# per row); up to 1024 (16-bit), 512 (float32), 256 (float64) -> group; larger -> block;
-# rows <= SMs / 2 and C >= 32768 -> split.
+# Shapes by regime (csrc/cuda/plan.cuh).  Automatic choice on an H100 / A100: up to 256
+# 16-byte items (2048 16-bit classes) -> group (2 to 32 lanes per row); longer rows with class
+# indices -> regs (the row in registers; on sm_90 split over a thread-block cluster, e.g.
+# 65536 and 262147 classes), probability targets -> block; on an A100 rows beyond one block's
+# registers -> block, few of them -> split.
 SHAPES = {
     "tiny": (64, 3),
     "tiny8": (50, 10),
@@ -175,8 +177,8 @@ def test_probability_targets(shape, dtype):
         check(x, q, **kw)
 
 
-@pytest.mark.parametrize("regime", ["group", "block", "block_scalar", "split", "strided"],
-                         indirect=True)
+@pytest.mark.parametrize("regime", ["group", "regs", "block", "block_scalar", "split",
+                                    "strided"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("c", [7, 300, 1000, 5000, 40001])
 def test_forced_regimes(regime, dtype, c):
