@@ -94,13 +94,14 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     weight and bias, in float32/float64 accumulators for weight and bias (unrounded).
 
     compact: drop the ignored rows before the GEMMs (CPU: the host knows their number at no
-    cost); their loss is 0 and lse NaN (not computed).  Otherwise they run through the GEMMs
+    cost); their loss is 0 and their lse 0 (not computed: callers that
+    return the lse pass compact=False).  Otherwise they run through the GEMMs
     masked: the row op gives them zero loss and gradient (CUDA: no host synchronisation)."""
     n, h = x.shape
     v = weight.shape[0]
     acc = _ops.acc_dtype(x.dtype)
     loss = x.new_zeros((n,))
-    lse = x.new_full((n,), float("nan"), dtype=acc)
+    lse = x.new_zeros((n,), dtype=acc)
     dx = x.new_zeros((n, h)) if need_x else None
     dw = _WeightGradAccumulator(weight, rows) if need_w else None
     db = torch.zeros((v,), dtype=acc, device=x.device) if need_b else None

@@ -129,14 +129,19 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_class_weight = class_weight is not None
     ctx.backward_runs = 0
+    ctx.computed = inputs[13:16]  # the gradients the forward computed
     empty = lse.new_empty((0,))
     ctx.save_for_backward(input, weight, target, bias if bias is not None else empty,
                           class_weight if class_weight is not None else empty, dx, dw, db)
 
 
 def _scaled_in_place(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    if not torch.compiler.is_compiling():
-        grad = grad.data  # a version counter of its own (see _ops.py)
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        # Traced (torch.compile, AOTAutograd: fake or functional tensor subclasses): a graph's
+        # backward may not mutate a tensor its forward returned (the partitioner refuses the
+        # node), so out of place there, at the cost of a transient copy.
+        return grad * grad_loss.to(grad.dtype)
+    grad = grad.data  # a version counter of its own (see _ops.py)
     _ops.scale_grad_(grad.view(grad.shape[0], -1, 1), grad_loss)
     return grad
 
@@ -156,11 +161,14 @@ def _backward(ctx, grad_loss, _g_lse, _g_dx, _g_dw, _g_db):
                          *ctx.options, need[0], need[1], need[3])
     else:
         ctx.backward_runs += 1
-        if ctx.backward_runs == 1:
+        missing = any(n and not c for n, c in zip((need[0], need[1], need[3]), ctx.computed,
+                                                  strict=True))
+        if ctx.backward_runs == 1 and not missing:
             dx, dw, db = (_scaled_in_place(g, grad_loss) if g.numel() else g
                           for g in (dx, dw, db))
         else:
-            # The first backward scaled and handed out these buffers: recompute.
+            # The first backward scaled and handed out these buffers (or the forward was
+            # told not to compute one that is needed now): recompute.
             _, _, dx, dw, db = fwd(input, weight, target, bias, class_weight, ctx.reduction,
                                    *ctx.options, True, need[0], need[1], need[3])
             dx, dw, db = (g * grad_loss.to(g.dtype) for g in (dx, dw, db))
