@@ -237,3 +237,15 @@ def test_argument_errors():
         lce(x, w, t, chunk_size=4, chunk_bytes=1 << 20)
     with pytest.raises(NotImplementedError, match="floating point"):
         lce(x.long(), w.long(), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [8, 1000], ids=["chunks", "one_chunk"])
+def test_half_weight_gradient_paths(dtype, chunk):
+    # One chunk: the weight gradient is one GEMM in the weight dtype; several: float32
+    # accumulation of per-slice GEMMs (CPU).
+    x, w, t, b, _ = make_case(40, 24, 600, dtype, 17)
+    _, loss, grads = _run(x, w, t, b, None, chunk_size=chunk)
+    _, ref_loss, ref_grads = reference(x, w, t, b)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_grads_close(grads, ref_grads, dtype)

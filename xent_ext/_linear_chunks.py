@@ -55,33 +55,65 @@ def _weight_slice_rows(v: int, h: int, rows: int) -> int:
 
 
 class _WeightGradAccumulator:
-    """d weight (V, H) += g.T @ x in float32 (float64 for float64)."""
+    """d weight (V, H) += g.T @ x in float32 (float64 for float64), one chunk at a time.
 
-    def __init__(self, weight: Tensor, rows: int):
+    The first chunk writes the buffer (no zero-filling pass over V x H).  Half-precision
+    weights on the CPU, whose backend has no half x half -> float32 GEMM: when the whole batch
+    is one chunk there is nothing to accumulate, so the gradient is one GEMM in the weight
+    dtype (float32 accumulation inside the GEMM; for 'mean' the later scaling rounds a second
+    time, within one ulp) and no float32 buffer of the weight's size is allocated; otherwise a
+    GEMM per slice of classes into a half temporary, added into the float32 buffer."""
+
+    def __init__(self, weight: Tensor, rows: int, single_chunk: bool):
         self.acc_dtype = _ops.acc_dtype(weight.dtype)
-        self.direct = weight.dtype == self.acc_dtype  # float32 / float64: addmm_ in place
-        self.acc = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device)
+        self.shape, self.device = weight.shape, weight.device
+        self.half_cpu = weight.dtype != self.acc_dtype and weight.device.type == "cpu"
+        self.single = single_chunk and self.half_cpu
         self.slice = _weight_slice_rows(weight.shape[0], weight.shape[1], rows)
+        self.acc: Tensor | None = None
         self.tmp: Tensor | None = None
 
     def add(self, g: Tensor, x: Tensor) -> None:
-        if self.direct:
-            self.acc.addmm_(g.t(), x)  # beta = 1: accumulated by the GEMM itself
-        elif g.is_cuda:
-            # cuBLAS reads half inputs and accumulates into the float32 buffer (beta = 1).
-            torch.addmm(self.acc, g.t(), x, out_dtype=self.acc_dtype, out=self.acc)
+        first = self.acc is None
+        if self.single:
+            self.acc = torch.mm(g.t(), x)
+        elif not self.half_cpu:
+            if first:
+                self.acc = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
+            if g.dtype == self.acc_dtype:
+                self.acc.addmm_(g.t(), x)  # beta = 1: accumulated by the GEMM itself
+            else:
+                # cuBLAS reads the half inputs and accumulates into the float32 buffer.
+                torch.addmm(self.acc, g.t(), x, out_dtype=self.acc_dtype, out=self.acc)
         else:
-            # No half x half -> float32 GEMM on the CPU backend: a GEMM per slice of classes
-            # into a half temporary (float32 accumulation inside the GEMM, over this chunk's
-            # rows), added into the float32 buffer.  Across chunks the sum is float32.
-            v = g.shape[1]
-            if self.tmp is None:
-                self.tmp = g.new_empty((min(self.slice, v), x.shape[1]))
-            for s in range(0, v, self.slice):
-                e = min(v, s + self.slice)
+            if first:
+                self.acc = torch.empty(self.shape, dtype=self.acc_dtype, device=self.device)
+                self.tmp = g.new_empty((min(self.slice, self.shape[0]), x.shape[1]))
+            for s in range(0, g.shape[1], self.slice):
+                e = min(g.shape[1], s + self.slice)
                 part = self.tmp[:e - s]
                 torch.mm(g[:, s:e].t(), x, out=part)
-                self.acc[s:e].add_(part)
+                if first:
+                    self.acc[s:e].copy_(part)
+                else:
+                    self.acc[s:e].add_(part)
+
+    def result(self) -> Tensor:
+        if self.acc is None:  # no rows at all
+            return torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
+        return self.acc
+
+
+def _add_bias_grad(db: Tensor, g: Tensor, ones: Tensor) -> None:
+    """d bias += column sums of g, accumulated in db's dtype.  CPU: as a GEMV against ones
+    (a column reduction is several times slower there); half g gives a half GEMV result
+    (float32 inside), added into the float32 buffer.  CUDA: a reduction in float32."""
+    if g.device.type != "cpu":
+        db.add_(g.sum(0, dtype=db.dtype))
+    elif g.dtype == db.dtype:
+        db.addmv_(g.t(), ones)
+    else:
+        db.add_(torch.mv(g.t(), ones))
 
 
 def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
@@ -103,7 +135,6 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     loss = x.new_zeros((n,))
     lse = x.new_zeros((n,), dtype=acc)
     dx = x.new_zeros((n, h)) if need_x else None
-    dw = _WeightGradAccumulator(weight, rows) if need_w else None
     db = torch.zeros((v,), dtype=acc, device=x.device) if need_b else None
     need_grad = need_x or need_w or need_b
 
@@ -122,6 +153,8 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     lse_s = lse if index is None else lse.new_empty((m,))
     dx_s = dx if index is None or dx is None else dx.new_empty((m, h))
 
+    dw = _WeightGradAccumulator(weight, rows, m <= rows) if need_w else None
+    ones = x.new_ones((min(rows, m),)) if need_b and x.device.type == "cpu" else None
     buf = x.new_empty((min(rows, m), v)) if m > 0 else None
     wt = weight.t()
     for s in range(0, m, rows):
@@ -143,7 +176,7 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
             if dx_s is not None:
                 torch.mm(g, weight, out=dx_s[s:e])
             if db is not None:
-                db.add_(g.sum(0, dtype=acc))
+                _add_bias_grad(db, g, ones[:e - s] if ones is not None else None)
             if dw is not None:
                 dw.add(g, xc)
         else:
@@ -157,4 +190,4 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
         lse.index_copy_(0, index, lse_s)
         if dx is not None:
             dx.index_copy_(0, index, dx_s)
-    return loss, lse, dx, (dw.acc if dw is not None else None), db
+    return loss, lse, dx, (dw.result() if dw is not None else None), db
