@@ -168,7 +168,8 @@ def _line(c: LinearCell) -> str:
             f"{_mib(c.peak_bytes)} MiB, extra {_mib(c.extra_bytes)} MiB")
 
 
-def print_table(cells: list[LinearCell], out=sys.stdout) -> None:
+def print_table(cells: list[LinearCell], out=None) -> None:
+    out = out if out is not None else sys.stdout
     groups: dict[tuple, list[LinearCell]] = {}
     for c in cells:
         groups.setdefault((c.n, c.h, c.v, c.dtype), []).append(c)
