@@ -4,9 +4,10 @@ A chunk of rows at a time: its logits are produced by one GEMM into a reused buf
 row op (cross_entropy_fwd_inplace_) turns them into per-row loss, log-sum-exp and, in place,
 the logits' gradient, and that gradient is consumed at once: d input for the chunk (a GEMM into
 its rows of d input), d bias and d weight accumulated in float32 (float64 for float64) into one
-buffer each, rounded to the parameters' dtype once at the end.  Nothing the size of N x V is
-ever allocated: beyond the inputs and the gradients the loop holds one chunk x V buffer, the
-accumulators and O(N) vectors.
+buffer each, rounded to the parameters' dtype once at the end (half-precision d input is
+written by its GEMM in the input dtype, and for 'mean' scaled after: a second rounding).
+Nothing the size of N x V is ever allocated: beyond the inputs and the gradients the loop
+holds one chunk x V buffer, the accumulators and O(N) vectors.
 
 The row op is always called with reduction 'none', whose gradient is the gradient of the sum
 of the chunk's rows.  'mean' is the sum divided by the total weight of the non-ignored rows of
@@ -134,7 +135,6 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     acc = _ops.acc_dtype(x.dtype)
     loss = x.new_zeros((n,))
     lse = x.new_zeros((n,), dtype=acc)
-    dx = x.new_zeros((n, h)) if need_x else None
     db = torch.zeros((v,), dtype=acc, device=x.device) if need_b else None
     need_grad = need_x or need_w or need_b
 
@@ -149,6 +149,8 @@ def run(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     else:
         xs, ts, rs = x, target, row_scale
     m = xs.shape[0]
+    # Every row of d input is written by its chunk's GEMM, except the dropped (ignored) rows.
+    dx = (x.new_zeros((n, h)) if index is not None else x.new_empty((n, h))) if need_x else None
     loss_s = loss if index is None else loss.new_empty((m,))
     lse_s = lse if index is None else lse.new_empty((m,))
     dx_s = dx if index is None or dx is None else dx.new_empty((m, h))
