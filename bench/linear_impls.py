@@ -18,14 +18,17 @@ from .impls import Unavailable
 LinearFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def _xent(device: str) -> LinearFn:
-    try:
-        import xent_ext
-    except ImportError as e:
-        raise Unavailable(f"xent_ext not importable ({e}); build it first") from e
-    if device == "cuda" and not xent_ext.has_cuda():
-        raise Unavailable("xent_ext was built without CUDA")
-    return lambda x, w, t: xent_ext.linear_cross_entropy(x, w, t)
+def _xent_chunks(chunk_bytes: int | None) -> Callable[[str], LinearFn]:
+    def make(device: str) -> LinearFn:
+        try:
+            import xent_ext
+        except ImportError as e:
+            raise Unavailable(f"xent_ext not importable ({e}); build it first") from e
+        if device == "cuda" and not xent_ext.has_cuda():
+            raise Unavailable("xent_ext was built without CUDA")
+        return lambda x, w, t: xent_ext.linear_cross_entropy(x, w, t, chunk_bytes=chunk_bytes)
+
+    return make
 
 
 def _naive_loss(x: Tensor, w: Tensor, t: Tensor) -> Tensor:
@@ -75,7 +78,9 @@ def _cce(device: str) -> LinearFn:
 
 
 LINEAR_IMPLS: dict[str, Callable[[str], LinearFn]] = {
-    "xent_ext": _xent,
+    "xent_ext": _xent_chunks(None),  # the default budget (256 MiB of logits per chunk)
+    # A smaller logits buffer: less memory, smaller GEMMs.
+    "xent_ext (32 MiB chunks)": _xent_chunks(32 << 20),
     "naive": _naive,
     "compile": _compile,
     "torch": _torch_lce(chunked=False),
