@@ -1,6 +1,10 @@
 #include "xent_forward.h"
 
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "cpu/buffer_cache.h"
 
@@ -58,6 +62,56 @@ at::Tensor index_total_weight(const at::Tensor& target, const at::Tensor& weight
   return at::where(valid, wt, at::zeros({}, wt.options())).sum(acc);
 }
 
+// CPU tensors: the 'mean' divisor and the reductions as plain loops.  Each ATen operation
+// costs microseconds of dispatch and allocation, and the five of them (ne, sum, reciprocal,
+// sum, div) cost more than the whole kernel for a small batch; on the CPU nothing needs to
+// stay on a device, so the host computes them (in double, then rounded once).
+double host_total_weight(const ForwardArgs& a, int64_t ignore_index, int64_t C) {
+  const int64_t* t = a.target.const_data_ptr<int64_t>();
+  const int64_t n = a.target.numel();
+  double total = 0.0;
+  if (!a.weight.defined()) {
+    for (int64_t i = 0; i < n; ++i) total += t[i] != ignore_index ? 1.0 : 0.0;
+    return total;
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.weight.scalar_type(), "xent_total_weight", [&] {
+    const scalar_t* w = a.weight.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      if (t[i] == ignore_index) continue;
+      // Out-of-range targets are clamped only so that this never reads out of bounds; the
+      // row kernel reports them.
+      const int64_t c = std::min<int64_t>(std::max<int64_t>(t[i], 0), std::max<int64_t>(C - 1, 0));
+      total += C > 0 ? static_cast<double>(w[c]) : 0.0;
+    }
+  });
+  return total;
+}
+
+double host_sum(const at::Tensor& rows) {
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "xent_loss_sum", [&] {
+    const scalar_t* r = rows.const_data_ptr<scalar_t>();
+    const int64_t n = rows.numel();
+    for (int64_t i = 0; i < n; ++i) total += static_cast<double>(r[i]);
+  });
+  return total;
+}
+
+// A 0-dim tensor of `dtype` holding v, rounded first to the accumulation dtype `acc` (the
+// precision the loss is kept in), then once to `dtype`.
+at::Tensor host_scalar(double v, at::ScalarType acc, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty({}, opts);
+  const double kept = acc == at::kDouble ? v : static_cast<double>(static_cast<float>(v));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "xent_scalar", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      *out.mutable_data_ptr<scalar_t>() = kept;
+    } else {
+      *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(static_cast<float>(kept));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
@@ -90,8 +144,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
   a.loss_rows = at::empty({N, S}, acc_opts);
   a.lse = at::empty({N, S}, acc_opts);
 
+  const bool host = a.input.is_cpu();
+  double host_divisor = 0.0;
   at::Tensor divisor;  // 'mean' only
-  if (reduction == kMean) {
+  if (reduction == kMean && host) {
+    host_divisor =
+        a.prob_target ? static_cast<double>(N * S) : host_total_weight(a, ignore_index, C);
+    if (compute_grad) a.grad_scale = host_scalar(1.0 / host_divisor, acc, acc_opts);
+  } else if (reduction == kMean) {
     divisor = a.prob_target ? at::full({}, static_cast<double>(N * S), acc_opts)
                             : index_total_weight(a.target, a.weight, ignore_index, C, acc);
     if (compute_grad) a.grad_scale = divisor.reciprocal();
@@ -106,16 +166,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
   if (N * S > 0) kernel(a);
 
   at::Tensor out;
-  switch (reduction) {
-    case kNone:
-      out = a.loss_rows.to(input_.scalar_type());
-      break;
-    case kSum:
-      out = a.loss_rows.sum().to(input_.scalar_type());
-      break;
-    default:  // 0 / 0 = NaN when every target is ignored or there are no rows, as in torch
-      out = a.loss_rows.sum().div(divisor).to(input_.scalar_type());
-      break;
+  if (reduction == kNone) {
+    out = a.loss_rows.to(input_.scalar_type());
+  } else if (host) {
+    // 0 / 0 = NaN when every target is ignored or there are no rows, as in torch.
+    const double sum = host_sum(a.loss_rows);
+    out = host_scalar(reduction == kSum ? sum : sum / host_divisor, acc,
+                      a.input.options().dtype(input_.scalar_type()));
+  } else if (reduction == kSum) {
+    out = a.loss_rows.sum().to(input_.scalar_type());
+  } else {  // 0 / 0 = NaN, as above
+    out = a.loss_rows.sum().div(divisor).to(input_.scalar_type());
   }
   at::Tensor grad = compute_grad ? a.grad : at::empty({0}, a.input.options());
   return {out, a.lse, grad};
