@@ -1,0 +1,207 @@
+"""Cases run inside each rank of a spawned gloo group (see vocab_parallel_support.py).
+
+Every rank builds the same global logits from a shared seed, keeps its slice of the classes,
+and compares xent_ext.distributed.vocab_parallel_cross_entropy (loss, lse, z-loss term and its
+slice of the gradient) with the loss of the whole logits in float64: F.cross_entropy for
+torch's options, xent_ext's ATen composite (the same loss in ATen operations, itself checked
+against F.cross_entropy) where softcap, logit_scale or z_loss enter.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+                "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather", "scatter",
+                "barrier", "all_gather_object", "broadcast_object_list")
+CALLS: list[str] = []
+
+
+def count_collectives() -> None:
+    """Every torch.distributed collective call is logged into CALLS (by name)."""
+    for name in _COLLECTIVES:
+        orig = getattr(dist, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            CALLS.append(_name)
+            return _orig(*a, **k)
+
+        setattr(dist, name, wrapped)
+
+
+def reference(x, t, weight, reduction, ignore_index, eps, z_loss, softcap, scale):
+    """(loss, lse, z term, grad) of the full logits (..., C) in float64."""
+    from xent_ext import _composite
+
+    x = x.detach().double().requires_grad_()
+    c = x.shape[-1]
+    x3 = x.reshape(-1, c, 1)
+    t3 = t.reshape(-1, 1)
+    w = weight.double() if weight is not None else None
+    red = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    if softcap is None and scale == 1.0 and z_loss == 0.0:
+        loss = F.cross_entropy(x.reshape(-1, c), t.reshape(-1), weight=w,
+                               ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
+    else:
+        loss, _ = _composite.cross_entropy(x3, t3, w, red, ignore_index, eps, scale,
+                                           softcap or 0.0, z_loss)
+    loss = loss.reshape(-1) if reduction == "none" else loss
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(
+        loss.shape) if reduction == "none" else torch.tensor(0.75, dtype=torch.float64))
+    y = x.detach().reshape(-1, c) * scale
+    if softcap:
+        y = torch.where(x.detach().reshape(-1, c) == -torch.inf, -torch.inf,
+                        softcap * torch.tanh(y / softcap))
+    lse = torch.logsumexp(y, dim=1)
+    return loss.detach(), lse, x.grad
+
+
+def make_case(seed, n, sizes, dtype, targets="random", ignore_some=True, extreme=None):
+    g = torch.Generator().manual_seed(seed)
+    c = sum(sizes)
+    x = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    if extreme == "big":
+        x = x + 1e4
+    elif extreme == "huge":
+        x = x * 1e-3 + 1e30 if dtype == torch.float64 else x + 1e4
+    elif extreme == "masked":
+        x[:, ::3] = -torch.inf
+    x = x.to(dtype)
+    if targets == "first":  # every target in the first shard: other ranks hold none
+        t = torch.randint(0, sizes[0], (n,), generator=g)
+    else:
+        t = torch.randint(0, c, (n,), generator=g)
+    if extreme == "masked":
+        t = (t // 3) * 3 + 1
+        t = torch.where(t < c, t, torch.ones_like(t))
+    if ignore_some and n > 1:
+        t[1] = -100
+    if targets == "ignored":
+        t[:] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return x, t, w
+
+
+def check_case(rank, world, sizes, dtype, opts, case_kw, weight_mode=None, explicit=False,
+               shape3=False, seed=0):
+    import xent_ext.distributed as xd
+
+    n = case_kw.pop("n", 7)
+    x, t, w = make_case(seed, n, sizes, dtype, **case_kw)
+    start = sum(sizes[:rank])
+    v = sizes[rank]
+    local = x[:, start:start + v].clone()
+    weight = None
+    if weight_mode == "full":
+        weight = w
+    elif weight_mode == "local":
+        weight = w[start:start + v].clone()
+    red = opts.get("reduction", "mean")
+    ref_loss, ref_lse, ref_grad = reference(
+        x, t, w if weight_mode else None, red, -100, opts.get("label_smoothing", 0.0),
+        opts.get("z_loss", 0.0), opts.get("softcap"), opts.get("logit_scale", 1.0))
+    xin = local
+    tin = t
+    if shape3:  # (B, T, V_local) logits with (B, T) targets
+        xin = local.reshape(1, n, v)
+        tin = t.reshape(1, n)
+    xin = xin.detach().requires_grad_()
+    inplace = opts.get("inplace_backward", False)
+    leaf = xin
+    if inplace:
+        xin = xin * 1  # a layer's output, not a leaf
+    kw = dict(opts)
+    kw.pop("reduction", None)
+    CALLS.clear()
+    out = xd.vocab_parallel_cross_entropy(xin, tin, reduction=red, weight=weight,
+                                          vocab_start=start if explicit else None,
+                                          return_lse=True, return_z_loss=True, **kw)
+    fwd_calls = list(CALLS)
+    loss, zterm, lse = out
+    gl = (torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+          if red == "none" else torch.tensor(0.75, dtype=torch.float64))
+    CALLS.clear()
+    loss.backward(gl.to(loss.dtype))
+    bwd_calls = list(CALLS)
+    grad = leaf.grad.reshape(n, v).double()
+    tol = TOL[dtype]
+    msgs = []
+    tag = f"rank {rank} sizes={sizes} {dtype} {opts} {case_kw} w={weight_mode} exp={explicit}"
+    if fwd_calls.count("all_reduce") != 2 or len(fwd_calls) > 3:
+        msgs.append(f"{tag}: forward collectives {fwd_calls}")
+    if bwd_calls:
+        msgs.append(f"{tag}: backward collectives {bwd_calls}")
+    if lse.dtype != (torch.float64 if dtype == torch.float64 else torch.float32):
+        msgs.append(f"{tag}: lse dtype {lse.dtype}")
+    if loss.dtype != dtype:
+        msgs.append(f"{tag}: loss dtype {loss.dtype}")
+
+    def close(name, got, want, scale_ref):
+        got = got.double().reshape(want.shape)
+        bad = ~((got - want).abs() <= tol * (1 + scale_ref)) & ~(got.isnan() & want.isnan())
+        bad = bad & ~(got == want)  # equal infinities
+        if bad.any():
+            err = (got - want).abs()[bad].max().item()
+            msgs.append(f"{tag}: {name} off by {err} (got {got.flatten()[:4].tolist()}, "
+                        f"want {want.flatten()[:4].tolist()})")
+
+    close("loss", loss.detach(), ref_loss, ref_loss.abs().nan_to_num(0).max().item())
+    close("lse", lse.reshape(-1), ref_lse, ref_lse.abs().nan_to_num(0, 0, 0).max().item()
+          * (0 if dtype == torch.float64 else 1))
+    close("grad", grad, ref_grad[:, start:start + v],
+          ref_grad.abs().nan_to_num(0, 0, 0).max().item())
+    return msgs
+
+
+OPTION_SETS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"softcap": 5.0},
+    {"logit_scale": 0.7},
+    {"inplace_backward": True},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 4.0, "logit_scale": 1.3},
+    {"reduction": "none", "label_smoothing": 0.3, "z_loss": 1e-3, "inplace_backward": True},
+    {"reduction": "sum", "label_smoothing": 0.1, "softcap": 3.0},
+]
+
+
+def run_cases(rank, world, sizes):
+    """Every option alone and combined, weights full and local, uneven shards, explicit
+    vocab_start, a rank without targets, all rows ignored, extremes, every dtype."""
+    count_collectives()
+    msgs = []
+    seed = 0
+    for opts, weight_mode in itertools.product(OPTION_SETS, [None, "full", "local"]):
+        seed += 1
+        msgs += check_case(rank, world, sizes, torch.float64, opts, {}, weight_mode,
+                           explicit=seed % 2 == 0, shape3=seed % 3 == 0, seed=seed)
+    for case_kw in ({"targets": "first"}, {"targets": "ignored"}, {"extreme": "big"},
+                    {"extreme": "huge"}, {"extreme": "masked"}, {"n": 1, "ignore_some": False}):
+        for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                     {"reduction": "none", "softcap": 3.0}):
+            if case_kw.get("extreme") == "huge" and "z_loss" in opts:
+                # At 1e30 the float64 reference's lse loses log(sum) (it holds 1e30 + 2.4 as
+                # 1e30), so its z-loss gradient is off by the class count; ours is not.
+                opts = {"label_smoothing": 0.1}
+            seed += 1
+            msgs += check_case(rank, world, sizes, torch.float64, opts, dict(case_kw),
+                               "full" if seed % 2 else None, seed=seed)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for opts in ({}, {"label_smoothing": 0.1, "reduction": "sum"},
+                     {"z_loss": 1e-3, "softcap": 4.0, "inplace_backward": True}):
+            seed += 1
+            msgs += check_case(rank, world, sizes, dtype, opts, {"extreme": None},
+                               "full" if seed % 2 else None, seed=seed)
+        seed += 1
+        msgs += check_case(rank, world, sizes, dtype, {}, {"extreme": "big"}, None, seed=seed)
+    return msgs

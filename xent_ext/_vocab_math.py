@@ -1,0 +1,121 @@
+"""Per-row math of a cross entropy whose classes are split into slices: combine the slices'
+statistics (xent_ext._vocab_ops.stats) into the row's loss and log-sum-exp, and form the
+coefficients of each slice's gradient (xent_ext._vocab_ops.grad).
+
+Only (N,)-sized tensors pass through here; the (N, V) work is in the operators.  The formulas
+are those of csrc/xent_row.h (ms_combine, dot_move, index_row_loss, index_grad_coef), written
+in ATen operations so that the combine runs on the device of the logits, without host sync:
+
+  the row's reference is the global max M of y; log_sum = log sum_j exp(y_j - M);
+  loss = (1 - eps) w_t ((M - y_t) + log_sum) + eps / C (W log_sum - D) + z lse^2,
+  D = sum_j w_j (y_j - M), W = sum_j w_j, lse = M + log_sum.
+
+The packed tensor summed across slices has one row per logits row, plus one last row whose
+first entry counts the classes (so C needs no other collective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._vocab_ops import _DOT, _HIT, _MASS, _MAX, _SUM, _WT, _YT
+
+P_SUM, P_YT, P_WT, P_HIT, P_DOT, P_MASS = range(6)
+
+
+def pack_width(label_smoothing: float) -> int:
+    return 6 if label_smoothing > 0 else 4
+
+
+def pack(stats: Tensor, gmax: Tensor, num_local: int, label_smoothing: float) -> Tensor:
+    """The slice's statistics relative to the row's global max gmax, ready to be summed over
+    slices: (N + 1, k), k = 6 with label smoothing, else 4."""
+    k = pack_width(label_smoothing)
+    m = stats[:, _MAX]
+    out = stats.new_zeros((stats.shape[0] + 1, k))
+    # A slice whose max is -inf adds nothing, but a NaN sum must stay NaN: sum * 0, not 0.
+    scale = torch.where(m == -torch.inf, torch.zeros_like(m), (m - gmax).exp())
+    out[:-1, P_SUM] = stats[:, _SUM] * scale
+    out[:-1, P_YT] = stats[:, _YT]
+    out[:-1, P_WT] = stats[:, _WT]
+    out[:-1, P_HIT] = stats[:, _HIT]
+    if k == 6:
+        # dot_move: sums taken against an all -inf slice's 0 stay so.
+        moved = (m != gmax) & (m != -torch.inf)
+        dot = stats[:, _DOT]
+        out[:-1, P_DOT] = torch.where(moved, dot + stats[:, _MASS] * (m - gmax), dot)
+        out[:-1, P_MASS] = stats[:, _MASS]
+    out[-1, 0] = float(num_local)
+    return out
+
+
+@dataclass
+class Rows:
+    """A row's combined statistics (all (N,) in the accumulation dtype, C a 0-dim tensor)."""
+
+    ref: Tensor
+    log_sum: Tensor
+    lse: Tensor
+    y_t: Tensor
+    w_t: Tensor
+    valid: Tensor
+    num_classes: Tensor
+    dot: Tensor | None
+    mass: Tensor | None
+
+
+def combine(summed: Tensor, gmax: Tensor, valid: Tensor) -> Rows:
+    """The rows' normalisers from the packed statistics summed over every slice."""
+    s = summed[:-1]
+    # ms_norm: a +inf max makes log_sum NaN (+inf - +inf, as log_softmax).
+    log_sum = torch.where(gmax == torch.inf, torch.full_like(gmax, torch.nan), s[:, P_SUM].log())
+    smooth = summed.shape[1] == 6
+    return Rows(ref=gmax, log_sum=log_sum, lse=gmax + log_sum, y_t=s[:, P_YT], w_t=s[:, P_WT],
+                valid=valid, num_classes=summed[-1, 0],
+                dot=s[:, P_DOT] if smooth else None, mass=s[:, P_MASS] if smooth else None)
+
+
+def out_of_bounds(summed: Tensor, valid: Tensor) -> Tensor:
+    """True for a non-ignored row whose target no slice holds (or more than one does)."""
+    return valid & (summed[:-1, P_HIT] != 1)
+
+
+def row_loss(r: Rows, label_smoothing: float, z_loss: float) -> Tensor:
+    """index_row_loss of every row (0 for an ignored row)."""
+    eps = label_smoothing
+    loss = (1.0 - eps) * r.w_t * ((r.ref - r.y_t) + r.log_sum)
+    if eps > 0:  # only then do the other classes' weights enter (an inf weight elsewhere)
+        loss = loss + eps / r.num_classes * (r.mass * r.log_sum - r.dot)
+    if z_loss > 0:
+        loss = loss + z_loss * r.lse * r.lse
+    return torch.where(r.valid, loss, torch.zeros_like(loss))
+
+
+def divisor(r: Rows) -> Tensor:
+    """'mean' divides by the total weight of the non-ignored targets, as torch."""
+    return torch.where(r.valid, r.w_t, torch.zeros_like(r.w_t)).sum()
+
+
+def grad_coef(r: Rows, s: Tensor, label_smoothing: float, z_loss: float) -> Tensor:
+    """index_grad_coef for every row: (N, 4) = [ref, a, b, hot], s the rows' gradient scale
+    (a 0-dim or (N,) tensor)."""
+    eps = label_smoothing
+    inv_sum = (-r.log_sum).exp()
+    big_a = (1.0 - eps) * r.w_t
+    per_class = torch.zeros_like(r.w_t)
+    if eps > 0:
+        per_class = per_class + eps / r.num_classes
+        big_a = big_a + per_class * r.mass
+    if z_loss > 0:
+        big_a = big_a + 2.0 * z_loss * r.lse
+    s = s.to(r.w_t.dtype).expand_as(r.w_t)
+    zero = torch.zeros_like(r.w_t)
+    # An ignored row: 0 * p_j, NaN where p is; the 0 is not scaled by s (inf for 'mean' when
+    # every target is ignored).
+    a = torch.where(r.valid, s * big_a * inv_sum, zero * inv_sum)
+    b = torch.where(r.valid, s * per_class, zero)
+    hot = torch.where(r.valid, s * (1.0 - eps) * r.w_t, zero)
+    return torch.stack([r.ref, a, b, hot], dim=1)

@@ -1,0 +1,281 @@
+"""vocab_parallel_cross_entropy: the classes of every row split across the ranks of a group.
+
+Forward, per call: one fused pass over the local logits for the slice's statistics
+(xent_ext._vocab_ops.stats), an all-reduce MAX of the per-row local max, and ONE all-reduce SUM
+of a packed (N + 1, k) tensor (sum-exp relative to the global max, target logit, target weight,
+a hit count, the smoothing sums, and the class count).  The backward communicates nothing: each
+rank computes its slice of the gradient from its own logits and the (N, 4) per-row
+coefficients saved by the forward (no float32 copy of the logits is kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _ops, _vocab_math, _vocab_ops
+from .._vocab_ops import _MAX
+from ..functional import _check_inplace, _check_options, _dtype_name
+from . import _collectives
+
+_INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
+@dataclass
+class _Config:
+    group: object
+    vocab_start: int
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    logit_scale: float
+    softcap: float
+    z_loss: float
+    weight_numel: int | None = None  # the full weight vector's length, checked against C
+    # Extra groups over which 'mean' sums its numerator and divisor (the batch-sharded mesh
+    # dims of a DTensor); empty for a plain call, whose rows are the same on every rank.
+    mean_groups: list = field(default_factory=list)
+
+
+def _forward_rows(x: Tensor, t: Tensor, w: Tensor | None, cfg: _Config):
+    """Per-row statistics of the global rows: (Rows, packed sums)."""
+    st = _vocab_ops.stats(x, t, w, cfg.vocab_start, cfg.ignore_index, cfg.label_smoothing,
+                          cfg.logit_scale, cfg.softcap)
+    # A copy: for one row the column is a contiguous view that the in-place all-reduce would
+    # overwrite with the global max.
+    gmax = _collectives.all_reduce(st[:, _MAX].clone(), "max", cfg.group)
+    packed = _vocab_math.pack(st, gmax, x.shape[1], cfg.label_smoothing)
+    packed = _collectives.all_reduce(packed, "sum", cfg.group)
+    valid = t != cfg.ignore_index
+    rows = _vocab_math.combine(packed, gmax, valid)
+    _check_bounds(t, packed, valid, rows, cfg)
+    return rows
+
+
+def _check_bounds(t: Tensor, packed: Tensor, valid: Tensor, rows, cfg: _Config) -> None:
+    """A target no rank holds raises as torch ("Target N is out of bounds."): read on the host
+    for CPU tensors (no device to wait for), an asynchronous device assertion elsewhere."""
+    bad = _vocab_math.out_of_bounds(packed, valid)
+    bad_weight = None
+    if cfg.weight_numel is not None:
+        bad_weight = rows.num_classes != cfg.weight_numel
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+        if bad_weight is not None and bool(bad_weight):
+            raise RuntimeError(f"weight tensor should be defined either for all "
+                               f"{int(rows.num_classes)} classes or for this rank's "
+                               f"classes but got weight tensor of {cfg.weight_numel}")
+        return
+    torch._assert_async(~bad.any(), "vocab_parallel_cross_entropy: target out of bounds")
+    if bad_weight is not None:
+        torch._assert_async(~bad_weight, "vocab_parallel_cross_entropy: the weight's length "
+                            "is neither the vocabulary size nor the local one")
+
+
+def _reduce(rows_loss: Tensor, rows, cfg: _Config):
+    """(reduced loss, gradient scale of every row for an incoming gradient of 1, divisor)."""
+    if cfg.reduction == _ops._REDUCTION_NONE:
+        return rows_loss, rows_loss.new_ones(()), None
+    total = rows_loss.sum()
+    if cfg.reduction == _ops._REDUCTION_SUM:
+        return total, total.new_ones(()), None
+    div = _vocab_math.divisor(rows)
+    if cfg.mean_groups:
+        both = torch.stack([total, div])
+        for g in cfg.mean_groups:
+            both = _collectives.all_reduce(both, "sum", g)
+        total, div = both[0], both[1]
+    return total / div, 1.0 / div, div
+
+
+class _VocabCE(torch.autograd.Function):
+    """Loss of the global rows from the local logits; the backward computes the local slice of
+    the gradient from the saved logits and per-row coefficients (inplace: the forward wrote the
+    gradient over the logits and the backward scales it)."""
+
+    @staticmethod
+    def forward(ctx, x, t, w, cfg, inplace):
+        rows = _forward_rows(x, t, w, cfg)
+        rows_loss = _vocab_math.row_loss(rows, cfg.label_smoothing, cfg.z_loss)
+        loss, scale, div = _reduce(rows_loss, rows, cfg)
+        coef = _vocab_math.grad_coef(rows, scale, cfg.label_smoothing, cfg.z_loss)
+        ctx.cfg, ctx.inplace, ctx.runs = cfg, inplace, 0
+        ctx.has_weight = w is not None
+        if inplace:
+            _vocab_ops.grad_(x, t, w, cfg.vocab_start, coef, cfg.logit_scale, cfg.softcap)
+            if not torch.compiler.is_compiling():
+                # Another node that saved these logits now fails loudly at its backward.
+                torch.autograd.graph.increment_version(x)
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x, t, w if w is not None else coef.new_empty(0), coef)
+        ctx.mark_non_differentiable(rows.lse)
+        zrows = None
+        if cfg.z_loss > 0:
+            zrows = torch.where(rows.valid, cfg.z_loss * rows.lse * rows.lse,
+                                torch.zeros_like(rows.lse))
+            zrows = _reduce_like(zrows, cfg, div)
+            ctx.mark_non_differentiable(zrows)
+        return loss.to(x.dtype), rows.lse, zrows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_lse, _grad_z):
+        if grad_loss is None:
+            return (None,) * 5
+        cfg = ctx.cfg
+        ctx.runs += 1
+        if ctx.inplace:
+            if ctx.runs > 1:
+                raise RuntimeError(
+                    "vocab_parallel_cross_entropy(inplace_backward=True): a second backward "
+                    "needs the logits, which the forward overwrote with their gradient")
+            (g,) = ctx.saved_tensors
+            g = g.detach()
+            if not torch.compiler.is_compiling():
+                g = g.data  # a version counter of its own: .grad accumulation must not trip it
+            _ops.scale_grad_(g.view(g.shape[0], g.shape[1], 1), grad_loss.reshape(-1))
+            return g, None, None, None, None
+        x, t, w, coef = ctx.saved_tensors
+        w = w if ctx.has_weight else None
+        gl = grad_loss.to(coef.dtype)
+        scaled = torch.cat([coef[:, :1], coef[:, 1:] * (gl.unsqueeze(1) if gl.dim() else gl)],
+                           dim=1)
+        g = _vocab_ops.grad(x, t, w, cfg.vocab_start, scaled, cfg.logit_scale, cfg.softcap)
+        return g, None, None, None, None
+
+
+def _reduce_like(rows: Tensor, cfg: _Config, div: Tensor | None) -> Tensor:
+    if cfg.reduction == _ops._REDUCTION_NONE:
+        return rows
+    if cfg.reduction == _ops._REDUCTION_SUM:
+        return rows.sum()
+    total = rows.sum()
+    for g in cfg.mean_groups:
+        total = _collectives.all_reduce(total.reshape(1), "sum", g).reshape(())
+    return total / div
+
+
+def _check_weight(weight: Tensor, x: Tensor, vocab_start: int, vocab_size: int | None):
+    """The full class-weight vector (length C) or this rank's slice (length V_local): returns
+    the local slice and, when the full length could not be checked here, that length."""
+    v = x.shape[-1]
+    if weight.dim() != 1:
+        raise RuntimeError("weight tensor should be 1-D (the class weights), got shape "
+                           f"{list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"expected scalar type {_dtype_name(x.dtype)} but found "
+                           f"{_dtype_name(weight.dtype)} (weight)")
+    if weight.device != x.device:
+        raise RuntimeError(f"vocab_parallel_cross_entropy: weight is on {weight.device} but "
+                           f"local_logits is on {x.device}; both must be on the same device")
+    if weight.requires_grad:
+        raise RuntimeError("cross_entropy is not differentiable with respect to argument "
+                           "'weight'. This input cannot have requires_grad True.")
+    n = weight.numel()
+    if vocab_size is not None:
+        if n == vocab_size:
+            return weight.narrow(0, vocab_start, v), None
+        if n == v:
+            return weight, None
+        raise RuntimeError(f"weight tensor should be defined either for all {vocab_size} "
+                           f"classes of the vocabulary or for this rank's {v} classes but got "
+                           f"weight tensor of shape: {list(weight.shape)}")
+    if n == v:
+        return weight, None
+    if n >= vocab_start + v:
+        return weight.narrow(0, vocab_start, v), n
+    raise RuntimeError(f"weight tensor should be defined either for all classes of the "
+                       f"vocabulary or for this rank's {v} classes (from {vocab_start}) but "
+                       f"got weight tensor of shape: {list(weight.shape)}")
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    _mean_groups: list | None = None,
+) -> Tensor | tuple[Tensor, ...]:
+    """F.cross_entropy of the logits concatenated over the ranks of `group` along the classes.
+
+    local_logits (..., V_local) on each rank holds the classes [vocab_start, vocab_start +
+    V_local) of the vocabulary (the classes are the LAST dimension, as a language-model head
+    produces them; shards may be uneven, ranks hold consecutive slices in rank order when
+    vocab_start is not given, which an all-gather of V_local then infers once per group and
+    size).  target (...) holds global class indices and is the same on every rank.
+
+    Every rank gets the loss of the global rows and the gradient of its own slice.  Options
+    as xent_ext.cross_entropy: weight is either the full class-weight vector (length C) or
+    this rank's slice (length V_local); label smoothing spreads eps / C over the C global
+    classes, z_loss is on the global lse, return_lse gives the global lse (float32, float64
+    for float64 logits).  Returns the loss, or (loss, z_loss term?, lse?).
+
+    Communication: two all-reduces in the forward (MAX of (N,), SUM of (N + 1, k) in the
+    accumulation dtype), none in the backward.
+    """
+    import torch.distributed as dist
+
+    red = _check_options(local_logits, target, None, reduction, label_smoothing, z_loss,
+                         softcap, logit_scale)
+    if local_logits.dim() == 0:
+        raise RuntimeError("vocab_parallel_cross_entropy: local_logits must have at least one "
+                           "dimension (the classes, last)")
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError("expected target dtype to be Long or Byte, but got "
+                           f"{_dtype_name(target.dtype)}")
+    if tuple(target.shape) != tuple(local_logits.shape[:-1]):
+        raise ValueError(f"vocab_parallel_cross_entropy: expected target of shape "
+                         f"{list(local_logits.shape[:-1])} (local_logits without its class "
+                         f"dimension), got {list(target.shape)}")
+    v = local_logits.shape[-1]
+    vocab_size = None
+    if vocab_start is None:
+        vocab_start, vocab_size = _collectives.shard_layout(group, v, local_logits.device)
+    elif vocab_start < 0:
+        raise ValueError(f"vocab_parallel_cross_entropy: vocab_start must be >= 0, got "
+                         f"{vocab_start}")
+    weight_numel = None
+    if weight is not None:
+        weight, weight_numel = _check_weight(weight, local_logits, vocab_start, vocab_size)
+    if not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy: torch.distributed is not initialized")
+
+    row_shape = tuple(local_logits.shape[:-1])
+    x2 = local_logits.reshape(-1, v)
+    t = target.reshape(-1).long()
+    cfg = _Config(group, int(vocab_start), red, int(ignore_index), float(label_smoothing),
+                  float(logit_scale), float(softcap or 0.0), float(z_loss), weight_numel,
+                  list(_mean_groups or []))
+    compute_grad = torch.is_grad_enabled() and x2.requires_grad
+    if inplace_backward and compute_grad:
+        _check_inplace(local_logits, x2)
+    loss, lse, zterm = _VocabCE.apply(x2, t, weight, cfg, bool(inplace_backward and
+                                                               compute_grad))
+    if red == _ops._REDUCTION_NONE:
+        loss = loss.reshape(row_shape)
+    if not (return_z_loss or return_lse):
+        return loss
+    out = [loss]
+    if return_z_loss:
+        if zterm is None:
+            zterm = loss.new_zeros(row_shape if red == _ops._REDUCTION_NONE else ())
+        out.append(zterm.detach().reshape(loss.shape).to(local_logits.dtype))
+    if return_lse:
+        out.append(lse.detach().reshape(row_shape))
+    return tuple(out)
