@@ -59,7 +59,10 @@ def reference(x, t, weight, reduction, ignore_index, eps, z_loss, softcap, scale
     if softcap:
         y = torch.where(x.detach().reshape(-1, c) == -torch.inf, -torch.inf,
                         softcap * torch.tanh(y / softcap))
+    # xent_ext's lse of a row with a +inf logit is NaN (as its log-probabilities), where
+    # torch.logsumexp says inf.
     lse = torch.logsumexp(y, dim=1)
+    lse = torch.where((y == torch.inf).any(1), torch.nan, lse)
     return loss.detach(), lse, x.grad
 
 
@@ -73,6 +76,11 @@ def make_case(seed, n, sizes, dtype, targets="random", ignore_some=True, extreme
         x = x * 1e-3 + 1e30 if dtype == torch.float64 else x + 1e4
     elif extreme == "masked":
         x[:, ::3] = -torch.inf
+    elif extreme == "nan":  # NaN, +inf and all -inf rows, on one rank or another
+        x[0, -1] = torch.nan
+        x[2, 0] = torch.inf
+        x[3, :] = -torch.inf
+        x[4, : sizes[0]] = -torch.inf
     x = x.to(dtype)
     if targets == "first":  # every target in the first shard: other ranks hold none
         t = torch.randint(0, sizes[0], (n,), generator=g)
@@ -186,7 +194,8 @@ def run_cases(rank, world, sizes):
         msgs += check_case(rank, world, sizes, torch.float64, opts, {}, weight_mode,
                            explicit=seed % 2 == 0, shape3=seed % 3 == 0, seed=seed)
     for case_kw in ({"targets": "first"}, {"targets": "ignored"}, {"extreme": "big"},
-                    {"extreme": "huge"}, {"extreme": "masked"}, {"n": 1, "ignore_some": False}):
+                    {"extreme": "huge"}, {"extreme": "masked"}, {"extreme": "nan"},
+                    {"n": 1, "ignore_some": False}):
         for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3},
                      {"reduction": "none", "softcap": 3.0}):
             if case_kw.get("extreme") == "huge" and "z_loss" in opts:

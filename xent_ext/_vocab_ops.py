@@ -100,6 +100,8 @@ def grad_aten(logits: Tensor, target: Tensor, weight: Tensor | None, vocab_start
               coef: Tensor, logit_scale: float, softcap: float) -> Tensor:
     acc = _acc(logits.dtype)
     n, v = logits.shape
+    if v == 0:  # a rank holding no classes
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     x = logits.to(acc)
     y = transformed(x, logit_scale, softcap)
     ref, a, b, hot = (coef[:, i].to(acc).unsqueeze(1) for i in range(4))
