@@ -17,3 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 def test_matches_gathered_cross_entropy(sizes):
     failures = run_group(len(sizes), "tests.vocab_parallel_cases:run_cases", sizes)
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("mesh_shape", [[2], [2, 2]], ids=["mesh1d", "mesh2d"])
+def test_dtensor_sharded_on_classes(mesh_shape):
+    world = 1
+    for d in mesh_shape:
+        world *= d
+    failures = run_group(world, "tests.vocab_parallel_cases:run_dtensor", mesh_shape)
+    assert not failures, "\n".join(failures[:20])

@@ -214,3 +214,71 @@ def run_cases(rank, world, sizes):
         seed += 1
         msgs += check_case(rank, world, sizes, dtype, {}, {"extreme": "big"}, None, seed=seed)
     return msgs
+
+
+def run_dtensor(rank, world, mesh_shape):
+    """xent_ext.cross_entropy (and the patched F.cross_entropy) on DTensor logits sharded on
+    the class dim, 1-D or 2-D mesh, against the gathered loss; placements as loss_parallel."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import xent_ext
+
+    count_collectives()
+    msgs = []
+    two_d = len(mesh_shape) == 2
+    mesh = init_device_mesh("cpu", tuple(mesh_shape),
+                            mesh_dim_names=("dp", "tp") if two_d else ("tp",))
+    place = (Shard(0), Shard(1)) if two_d else (Shard(1),)
+    t_place = (Shard(0), Replicate()) if two_d else (Replicate(),)
+    g = torch.Generator().manual_seed(7)
+    for case, (shape, opts) in enumerate([
+            ((8, 11), {}), ((8, 11), {"reduction": "sum"}), ((8, 11), {"reduction": "none"}),
+            ((8, 13), {"label_smoothing": 0.1, "weight": True}),
+            ((8, 9), {"z_loss": 1e-3, "softcap": 4.0}), ((4, 10, 3), {}),
+            ((8, 3), {"reduction": "sum", "label_smoothing": 0.2})]):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        c = shape[1]
+        t = torch.randint(0, c, (shape[0],) + shape[2:], generator=g)
+        t[0] = -100
+        kw = dict(opts)
+        w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if kw.pop("weight", 0) else None
+        red = kw.get("reduction", "mean")
+        xd = distribute_tensor(x, mesh, place).detach().requires_grad_()
+        td = distribute_tensor(t, mesh, t_place) if two_d else t
+        tag = f"rank {rank} mesh {mesh_shape} case {case} {shape} {opts}"
+        patched = case % 2 == 1 and not ({"z_loss", "softcap"} & set(kw))
+        if patched:  # through F.cross_entropy under xent_ext.patch()
+            with xent_ext.patch():
+                loss = F.cross_entropy(xd, td, weight=w, **kw)
+        else:
+            loss = xent_ext.cross_entropy(xd, td, weight=w, **kw)
+        xr = x.clone().requires_grad_()
+        from xent_ext import _composite
+
+        x3 = xr.reshape(shape[0], c, -1)
+        t3 = t.reshape(shape[0], -1)
+        ref, _ = _composite.cross_entropy(x3, t3, w, {"none": 0, "mean": 1, "sum": 2}[red],
+                                          -100, kw.get("label_smoothing", 0.0), 1.0,
+                                          kw.get("softcap", 0.0), kw.get("z_loss", 0.0))
+        ref = ref.reshape(t.shape) if red == "none" else ref
+        ref.sum().backward()
+        got = loss.full_tensor()
+        if not torch.allclose(got, ref, atol=1e-10, rtol=1e-10):
+            msgs.append(f"{tag}: loss {got} vs {ref}")
+        loss.sum().backward() if red == "none" else loss.backward()
+        grad = xd.grad.full_tensor()
+        if not torch.allclose(grad, xr.grad, atol=1e-10, rtol=1e-10):
+            msgs.append(f"{tag}: grad off by {(grad - xr.grad).abs().max()}")
+        # torch's loss_parallel where it applies: the same placements and values
+        if not (set(kw) - {"reduction"}) and w is None and not (two_d and red == "mean"):
+            xd2 = distribute_tensor(x, mesh, place).detach().requires_grad_()
+            with loss_parallel():
+                theirs = F.cross_entropy(xd2, td, reduction=red)
+            if tuple(theirs.placements) != tuple(loss.placements):
+                msgs.append(f"{tag}: placements {loss.placements} vs loss_parallel's "
+                            f"{theirs.placements}")
+            if not torch.allclose(theirs.full_tensor(), got, atol=1e-10, rtol=1e-10):
+                msgs.append(f"{tag}: value differs from loss_parallel's")
+    return msgs

@@ -210,6 +210,7 @@ def vocab_parallel_cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    _vocab_size: int | None = None,
     _mean_groups: list | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """F.cross_entropy of the logits concatenated over the ranks of `group` along the classes.
@@ -244,7 +245,7 @@ def vocab_parallel_cross_entropy(
                          f"{list(local_logits.shape[:-1])} (local_logits without its class "
                          f"dimension), got {list(target.shape)}")
     v = local_logits.shape[-1]
-    vocab_size = None
+    vocab_size = _vocab_size  # known to the DTensor entry (its global shape)
     if vocab_start is None:
         vocab_start, vocab_size = _collectives.shard_layout(group, v, local_logits.device)
     elif vocab_start < 0:
