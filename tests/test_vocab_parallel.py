@@ -26,3 +26,8 @@ def test_dtensor_sharded_on_classes(mesh_shape):
         world *= d
     failures = run_group(world, "tests.vocab_parallel_cases:run_dtensor", mesh_shape)
     assert not failures, "\n".join(failures[:20])
+
+
+def test_linear_cross_entropy_chunked():
+    failures = run_group(3, "tests.vocab_parallel_cases:run_linear", [4, 7, 2])
+    assert not failures, "\n".join(failures[:20])

@@ -282,3 +282,69 @@ def run_dtensor(rank, world, mesh_shape):
             if not torch.allclose(theirs.full_tensor(), got, atol=1e-10, rtol=1e-10):
                 msgs.append(f"{tag}: value differs from loss_parallel's")
     return msgs
+
+
+def run_linear(rank, world, sizes):
+    """vocab_parallel_linear_cross_entropy against the loss of the full head in float64:
+    gradients of input, the local head rows and bias; two all-reduces forward, one backward."""
+    import xent_ext.distributed as xd
+
+    count_collectives()
+    msgs = []
+    g = torch.Generator().manual_seed(11)
+    c, h = sum(sizes), 6
+    start, v = sum(sizes[:rank]), sizes[rank]
+    for case, (dtype, opts, chunk) in enumerate([
+            (torch.float64, {}, 3), (torch.float64, {"reduction": "sum"}, None),
+            (torch.float64, {"reduction": "none", "label_smoothing": 0.1}, 4),
+            (torch.float64, {"z_loss": 1e-3, "softcap": 3.0, "weighted": True}, 1),
+            (torch.float32, {"label_smoothing": 0.2}, 5),
+            (torch.bfloat16, {}, 2)]):
+        kw = dict(opts)
+        weighted = kw.pop("weighted", False)
+        n = 9
+        x = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+        w = torch.randn(c, h, generator=g, dtype=torch.float64).to(dtype)
+        b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+        t = torch.randint(0, c, (n,), generator=g)
+        t[2] = -100
+        cw = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted \
+            else None
+        red = kw.get("reduction", "mean")
+        xr, wr, br = (a.detach().double().clone().requires_grad_() for a in (x, w, b))
+        ref = reference_loss(xr @ wr.t() + br, t, cw, red, kw)
+        (ref.sum() if red == "none" else ref).backward()
+        xl = x.clone().requires_grad_()
+        wl = w[start:start + v].clone().requires_grad_()
+        bl = b[start:start + v].clone().requires_grad_()
+        CALLS.clear()
+        loss = xd.vocab_parallel_linear_cross_entropy(xl, wl, t, bias=bl, weight=cw,
+                                                      chunk_size=chunk, **kw)
+        fwd = list(CALLS)
+        CALLS.clear()
+        (loss.sum() if red == "none" else loss).backward()
+        bwd = list(CALLS)
+        tag = f"rank {rank} linear case {case} {dtype} {opts} chunk={chunk}"
+        if fwd.count("all_reduce") != 2 or bwd != ["all_reduce"]:
+            msgs.append(f"{tag}: collectives forward {fwd}, backward {bwd}")
+        tol = TOL[dtype] * 10
+        for name, got, want in (("loss", loss, ref), ("d input", xl.grad, xr.grad),
+                                ("d weight", wl.grad, wr.grad[start:start + v]),
+                                ("d bias", bl.grad, br.grad[start:start + v])):
+            want = want.detach()
+            err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+            if not err <= tol * (1 + want.abs().max().item() if want.numel() else 1):
+                msgs.append(f"{tag}: {name} off by {err}")
+    return msgs
+
+
+def reference_loss(logits, t, cw, red, kw):
+    from xent_ext import _composite
+
+    n, c = logits.shape
+    loss, _ = _composite.cross_entropy(logits.unsqueeze(2), t.unsqueeze(1),
+                                       cw.double() if cw is not None else None,
+                                       {"none": 0, "mean": 1, "sum": 2}[red], -100,
+                                       kw.get("label_smoothing", 0.0), 1.0,
+                                       kw.get("softcap", 0.0), kw.get("z_loss", 0.0))
+    return loss.reshape(n) if red == "none" else loss

@@ -13,6 +13,8 @@ if not torch.distributed.is_available():
     raise ImportError("xent_ext.distributed needs a torch built with torch.distributed")
 
 from ._collectives import clear_layout_cache
+from ._linear import vocab_parallel_linear_cross_entropy
 from ._vocab import vocab_parallel_cross_entropy
 
-__all__ = ["vocab_parallel_cross_entropy", "clear_layout_cache"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "clear_layout_cache"]

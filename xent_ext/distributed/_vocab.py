@@ -41,13 +41,18 @@ class _Config:
 
 
 def _forward_rows(x: Tensor, t: Tensor, w: Tensor | None, cfg: _Config):
-    """Per-row statistics of the global rows: (Rows, packed sums)."""
+    """The global rows' normalisers (vocab_math.Rows) from the local logits."""
     st = _vocab_ops.stats(x, t, w, cfg.vocab_start, cfg.ignore_index, cfg.label_smoothing,
                           cfg.logit_scale, cfg.softcap)
+    return rows_from_stats(st, t, x.shape[1], cfg)
+
+
+def rows_from_stats(st: Tensor, t: Tensor, num_local: int, cfg: _Config):
+    """The two all-reduces: the local slices' statistics (N, 7) to the global rows."""
     # A copy: for one row the column is a contiguous view that the in-place all-reduce would
     # overwrite with the global max.
     gmax = _collectives.all_reduce(st[:, _MAX].clone(), "max", cfg.group)
-    packed = _vocab_math.pack(st, gmax, x.shape[1], cfg.label_smoothing)
+    packed = _vocab_math.pack(st, gmax, num_local, cfg.label_smoothing)
     packed = _collectives.all_reduce(packed, "sum", cfg.group)
     valid = t != cfg.ignore_index
     rows = _vocab_math.combine(packed, gmax, valid)
@@ -92,6 +97,27 @@ def _reduce(rows_loss: Tensor, rows, cfg: _Config):
     return total / div, 1.0 / div, div
 
 
+def loss_and_coef(rows, cfg: _Config):
+    """(reduced loss, (N, 4) gradient coefficients for an incoming gradient of 1, z-loss term
+    reduced like the loss or None)."""
+    rows_loss = _vocab_math.row_loss(rows, cfg.label_smoothing, cfg.z_loss)
+    loss, scale, div = _reduce(rows_loss, rows, cfg)
+    coef = _vocab_math.grad_coef(rows, scale, cfg.label_smoothing, cfg.z_loss)
+    zrows = None
+    if cfg.z_loss > 0:
+        zrows = torch.where(rows.valid, cfg.z_loss * rows.lse * rows.lse,
+                            torch.zeros_like(rows.lse))
+        zrows = _reduce_like(zrows, cfg, div)
+    return loss, coef, zrows
+
+
+def scaled_coef(coef: Tensor, grad_loss: Tensor) -> Tensor:
+    """The coefficients for an incoming gradient (0-dim, or one per row)."""
+    gl = grad_loss.to(coef.dtype)
+    return torch.cat([coef[:, :1], coef[:, 1:] * (gl.reshape(-1, 1) if gl.dim() else gl)],
+                     dim=1)
+
+
 class _VocabCE(torch.autograd.Function):
     """Loss of the global rows from the local logits; the backward computes the local slice of
     the gradient from the saved logits and per-row coefficients (inplace: the forward wrote the
@@ -100,9 +126,7 @@ class _VocabCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, w, cfg, inplace):
         rows = _forward_rows(x, t, w, cfg)
-        rows_loss = _vocab_math.row_loss(rows, cfg.label_smoothing, cfg.z_loss)
-        loss, scale, div = _reduce(rows_loss, rows, cfg)
-        coef = _vocab_math.grad_coef(rows, scale, cfg.label_smoothing, cfg.z_loss)
+        loss, coef, zrows = loss_and_coef(rows, cfg)
         ctx.cfg, ctx.inplace, ctx.runs = cfg, inplace, 0
         ctx.has_weight = w is not None
         if inplace:
@@ -114,11 +138,7 @@ class _VocabCE(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, t, w if w is not None else coef.new_empty(0), coef)
         ctx.mark_non_differentiable(rows.lse)
-        zrows = None
-        if cfg.z_loss > 0:
-            zrows = torch.where(rows.valid, cfg.z_loss * rows.lse * rows.lse,
-                                torch.zeros_like(rows.lse))
-            zrows = _reduce_like(zrows, cfg, div)
+        if zrows is not None:
             ctx.mark_non_differentiable(zrows)
         return loss.to(x.dtype), rows.lse, zrows
 
@@ -142,10 +162,8 @@ class _VocabCE(torch.autograd.Function):
             return g, None, None, None, None
         x, t, w, coef = ctx.saved_tensors
         w = w if ctx.has_weight else None
-        gl = grad_loss.to(coef.dtype)
-        scaled = torch.cat([coef[:, :1], coef[:, 1:] * (gl.unsqueeze(1) if gl.dim() else gl)],
-                           dim=1)
-        g = _vocab_ops.grad(x, t, w, cfg.vocab_start, scaled, cfg.logit_scale, cfg.softcap)
+        g = _vocab_ops.grad(x, t, w, cfg.vocab_start, scaled_coef(coef, grad_loss),
+                            cfg.logit_scale, cfg.softcap)
         return g, None, None, None, None
 
 
@@ -160,10 +178,9 @@ def _reduce_like(rows: Tensor, cfg: _Config, div: Tensor | None) -> Tensor:
     return total / div
 
 
-def _check_weight(weight: Tensor, x: Tensor, vocab_start: int, vocab_size: int | None):
+def _check_weight(weight: Tensor, x: Tensor, v: int, vocab_start: int, vocab_size: int | None):
     """The full class-weight vector (length C) or this rank's slice (length V_local): returns
     the local slice and, when the full length could not be checked here, that length."""
-    v = x.shape[-1]
     if weight.dim() != 1:
         raise RuntimeError("weight tensor should be 1-D (the class weights), got shape "
                            f"{list(weight.shape)}")
@@ -192,6 +209,36 @@ def _check_weight(weight: Tensor, x: Tensor, vocab_start: int, vocab_size: int |
     raise RuntimeError(f"weight tensor should be defined either for all classes of the "
                        f"vocabulary or for this rank's {v} classes (from {vocab_start}) but "
                        f"got weight tensor of shape: {list(weight.shape)}")
+
+
+def make_config(like: Tensor, v: int, group, vocab_start, vocab_size, weight, red: int,
+                ignore_index, label_smoothing, logit_scale, softcap, z_loss, mean_groups):
+    """The slice's place in the vocabulary and the local class weights: (_Config, weight)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy: torch.distributed is not initialized")
+    if vocab_start is None:
+        vocab_start, vocab_size = _collectives.shard_layout(group, v, like.device)
+    elif vocab_start < 0:
+        raise ValueError(f"vocab_parallel_cross_entropy: vocab_start must be >= 0, got "
+                         f"{vocab_start}")
+    weight_numel = None
+    if weight is not None:
+        weight, weight_numel = _check_weight(weight, like, v, vocab_start, vocab_size)
+    cfg = _Config(group, int(vocab_start), red, int(ignore_index), float(label_smoothing),
+                  float(logit_scale), float(softcap or 0.0), float(z_loss), weight_numel,
+                  list(mean_groups or []))
+    return cfg, weight
+
+
+def check_target(like: Tensor, target: Tensor, expected: tuple) -> None:
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError("expected target dtype to be Long or Byte, but got "
+                           f"{_dtype_name(target.dtype)}")
+    if tuple(target.shape) != tuple(expected):
+        raise ValueError(f"vocab_parallel_cross_entropy: expected target of shape "
+                         f"{list(expected)}, got {list(target.shape)}")
 
 
 def vocab_parallel_cross_entropy(
@@ -230,44 +277,30 @@ def vocab_parallel_cross_entropy(
     Communication: two all-reduces in the forward (MAX of (N,), SUM of (N + 1, k) in the
     accumulation dtype), none in the backward.
     """
-    import torch.distributed as dist
-
     red = _check_options(local_logits, target, None, reduction, label_smoothing, z_loss,
                          softcap, logit_scale)
     if local_logits.dim() == 0:
         raise RuntimeError("vocab_parallel_cross_entropy: local_logits must have at least one "
                            "dimension (the classes, last)")
-    if target.dtype not in _INDEX_DTYPES:
-        raise RuntimeError("expected target dtype to be Long or Byte, but got "
-                           f"{_dtype_name(target.dtype)}")
-    if tuple(target.shape) != tuple(local_logits.shape[:-1]):
-        raise ValueError(f"vocab_parallel_cross_entropy: expected target of shape "
-                         f"{list(local_logits.shape[:-1])} (local_logits without its class "
-                         f"dimension), got {list(target.shape)}")
+    check_target(local_logits, target, tuple(local_logits.shape[:-1]))
     v = local_logits.shape[-1]
-    vocab_size = _vocab_size  # known to the DTensor entry (its global shape)
-    if vocab_start is None:
-        vocab_start, vocab_size = _collectives.shard_layout(group, v, local_logits.device)
-    elif vocab_start < 0:
-        raise ValueError(f"vocab_parallel_cross_entropy: vocab_start must be >= 0, got "
-                         f"{vocab_start}")
-    weight_numel = None
-    if weight is not None:
-        weight, weight_numel = _check_weight(weight, local_logits, vocab_start, vocab_size)
-    if not dist.is_initialized():
-        raise RuntimeError("vocab_parallel_cross_entropy: torch.distributed is not initialized")
-
+    cfg, weight = make_config(local_logits, v, group, vocab_start, _vocab_size, weight, red,
+                              ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+                              _mean_groups)
     row_shape = tuple(local_logits.shape[:-1])
     x2 = local_logits.reshape(-1, v)
     t = target.reshape(-1).long()
-    cfg = _Config(group, int(vocab_start), red, int(ignore_index), float(label_smoothing),
-                  float(logit_scale), float(softcap or 0.0), float(z_loss), weight_numel,
-                  list(_mean_groups or []))
     compute_grad = torch.is_grad_enabled() and x2.requires_grad
     if inplace_backward and compute_grad:
         _check_inplace(local_logits, x2)
     loss, lse, zterm = _VocabCE.apply(x2, t, weight, cfg, bool(inplace_backward and
                                                                compute_grad))
+    return outputs(loss, lse, zterm, red, row_shape, return_z_loss, return_lse,
+                   local_logits.dtype)
+
+
+def outputs(loss, lse, zterm, red, row_shape, return_z_loss, return_lse, dtype):
+    """loss, or (loss, z-loss term?, lse?), shaped as the rows."""
     if red == _ops._REDUCTION_NONE:
         loss = loss.reshape(row_shape)
     if not (return_z_loss or return_lse):
@@ -276,7 +309,7 @@ def vocab_parallel_cross_entropy(
     if return_z_loss:
         if zterm is None:
             zterm = loss.new_zeros(row_shape if red == _ops._REDUCTION_NONE else ())
-        out.append(zterm.detach().reshape(loss.shape).to(local_logits.dtype))
+        out.append(zterm.detach().reshape(loss.shape).to(dtype))
     if return_lse:
         out.append(lse.detach().reshape(row_shape))
     return tuple(out)
