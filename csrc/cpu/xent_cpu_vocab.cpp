@@ -1,7 +1,9 @@
 // CPU kernels of the vocab-parallel operators (schemas and semantics in csrc/ops.cpp): the
 // partial statistics of one slice of every row's classes, and the slice's gradient given the
-// row's global normaliser.  Rows in parallel; each row is the shared row math (xent_row.h)
-// applied element by element, so every sum stays relative to the slice's running max.
+// row's global normaliser.  Rows in parallel.  float32 / float16 / bfloat16 rows (and float64
+// rows without softcap, for the statistics) take the vectorised row sweeps of the forward op
+// (vec_rows.h: one exp per element, sums relative to a reference at most 64 below the max);
+// the rest is the shared row math (xent_row.h) element by element, relative to the running max.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,9 +11,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "../xent_row.h"
+#include "cpu_isa.h"
 
 namespace xent {
 namespace {
@@ -37,8 +42,62 @@ at::Tensor acc_weight(const std::optional<at::Tensor>& weight, at::ScalarType ac
   return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
 }
 
+template <typename scalar_t>
+constexpr xent_cpu::Dtype vec_dtype() {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) return xent_cpu::Dtype::f16;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return xent_cpu::Dtype::bf16;
+  if constexpr (std::is_same_v<scalar_t, double>) return xent_cpu::Dtype::f64;
+  return xent_cpu::Dtype::f32;
+}
+
 inline int64_t grain_for(int64_t v) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(v, 1));
+}
+
+// One row's max (or reference) / sum and smoothing sums: the vector sweep where there is one.
+template <typename scalar_t, typename acc>
+void row_stats(const xent_cpu::VecKernels& k, const scalar_t* row, int64_t V, const acc* wp,
+               bool smooth, const RowOptionsT<acc>& oa, MaxSum<acc>& ms, DotAcc<acc>& d) {
+  if (V == 0) return;  // an empty slice: -inf / 0
+  if constexpr (!std::is_same_v<acc, double>) {
+    const xent_cpu::VecTransform tr{oa.logit_scale, oa.softcap > 0 ? oa.softcap : 0.f};
+    const xent_cpu::RowStats rs = k.stats(row, vec_dtype<scalar_t>(), V, tr, wp, smooth, nullptr);
+    ms = {rs.max, rs.sum};
+    d = {rs.dot, rs.w_sum};
+    return;
+  } else {
+    if (!(oa.softcap > 0)) {
+      const xent_cpu::RowStatsD rs = k.stats_f64(row, V, oa.logit_scale, wp, smooth, nullptr);
+      ms = {rs.max, rs.sum};
+      d = {rs.dot, rs.w_sum};
+      return;
+    }
+    for (int64_t j = 0; j < V; ++j) {
+      ms_dot_push(ms, d, transform_logit(static_cast<acc>(row[j]), oa), wp ? wp[j] : acc(1));
+    }
+  }
+}
+
+// One row's gradient given its coefficients (a row whose log-probabilities are not NaN).
+template <typename scalar_t, typename acc>
+void row_grad(const xent_cpu::VecKernels& k, const scalar_t* row, scalar_t* grow, int64_t V,
+              int64_t tl, acc ref, acc a, acc b, acc hot, const acc* wp,
+              const RowOptionsT<acc>& oa) {
+  if constexpr (!std::is_same_v<acc, double>) {
+    const bool has_t = tl >= 0 && tl < V;
+    const acc x_t = has_t ? static_cast<acc>(row[tl]) : acc(0);  // read before written
+    const xent_cpu::VecTransform tr{oa.logit_scale, oa.softcap > 0 ? oa.softcap : 0.f};
+    k.grad(row, grow, vec_dtype<scalar_t>(), V, tr, ref, a, b, wp);
+    if (has_t) {
+      grow[tl] =
+          static_cast<scalar_t>(grad_element(x_t, ref, a, b * (wp ? wp[tl] : acc(1)) + hot, oa));
+    }
+  } else {
+    for (int64_t j = 0; j < V; ++j) {
+      const acc c = b * (wp ? wp[j] : acc(1)) + (j == tl ? hot : acc(0));
+      grow[j] = static_cast<scalar_t>(grad_element(static_cast<acc>(row[j]), ref, a, c, oa));
+    }
+  }
 }
 
 at::Tensor vocab_stats_cpu(const at::Tensor& logits_, const at::Tensor& target_,
@@ -55,6 +114,7 @@ at::Tensor vocab_stats_cpu(const at::Tensor& logits_, const at::Tensor& target_,
   at::Tensor out = at::zeros({N, kStatsCols}, logits.options().dtype(acc_type));
   const RowOptions o{V, ignore_index, label_smoothing, logit_scale, softcap, 0.0};
   const bool smooth = label_smoothing > 0.0;
+  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "vocab_stats", [&] {
         using acc = acc_t<scalar_t>;
@@ -68,15 +128,7 @@ at::Tensor vocab_stats_cpu(const at::Tensor& logits_, const at::Tensor& target_,
             const scalar_t* row = x + n * V;  // 64-bit offsets
             MaxSum<acc> ms = ms_empty<acc>();
             DotAcc<acc> d = dot_empty<acc>();
-            if (smooth) {
-              for (int64_t j = 0; j < V; ++j) {
-                ms_dot_push(ms, d, transform_logit(static_cast<acc>(row[j]), oa),
-                            wp ? wp[j] : acc(1));
-              }
-            } else {
-              for (int64_t j = 0; j < V; ++j)
-                ms = ms_push(ms, transform_logit(static_cast<acc>(row[j]), oa));
-            }
+            row_stats(k, row, V, wp, smooth, oa, ms, d);
             acc* r = res + n * kStatsCols;
             r[kMax] = ms.max;
             r[kSum] = ms.sum;
@@ -110,6 +162,7 @@ void vocab_grad_into(const at::Tensor& logits, const at::Tensor& target_,
   const at::Tensor target = target_.to(at::kLong).contiguous();
   const at::Tensor w = acc_weight(weight, acc_type);
   const RowOptions o{V, 0, 0.0, logit_scale, softcap, 0.0};
+  const xent_cpu::VecKernels& k = xent_cpu::active_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "vocab_grad", [&] {
         using acc = acc_t<scalar_t>;
@@ -125,11 +178,13 @@ void vocab_grad_into(const at::Tensor& logits, const at::Tensor& target_,
             const int64_t tl = t[n] - vocab_start;  // hot is 0 for ignored rows
             const scalar_t* row = x + n * V;
             scalar_t* grow = g + n * V;
-            for (int64_t j = 0; j < V; ++j) {
-              const acc c = b * (wp ? wp[j] : acc(1)) + (j == tl ? hot : acc(0));
-              grow[j] =
-                  static_cast<scalar_t>(grad_element(static_cast<acc>(row[j]), ref, a, c, oa));
+            if (!(ref > neg_inf<acc>()) || a != a) {
+              // The row's log-probabilities are NaN (a NaN or +inf logit, or only -inf ones):
+              // NaN throughout, as torch, whatever a vector exp makes of exp(NaN).
+              std::fill_n(grow, V, static_cast<scalar_t>(std::numeric_limits<acc>::quiet_NaN()));
+              continue;
             }
+            row_grad(k, row, grow, V, tl, ref, a, b, hot, wp, oa);
           }
         });
       });
