@@ -213,6 +213,7 @@ def run_cases(rank, world, sizes):
                                "full" if seed % 2 else None, seed=seed)
         seed += 1
         msgs += check_case(rank, world, sizes, dtype, {}, {"extreme": "big"}, None, seed=seed)
+    msgs += check_errors(rank, world, sizes)
     return msgs
 
 
@@ -348,3 +349,38 @@ def reference_loss(logits, t, cw, red, kw):
                                        kw.get("label_smoothing", 0.0), 1.0,
                                        kw.get("softcap", 0.0), kw.get("z_loss", 0.0))
     return loss.reshape(n) if red == "none" else loss
+
+
+def check_errors(rank, world, sizes):
+    """Bad arguments raise as torch would (same types, the argument named), on every rank."""
+    import xent_ext.distributed as xd
+
+    v, c = sizes[rank], sum(sizes)
+    x = torch.randn(4, v, requires_grad=True)
+    t = torch.tensor([0, 1, 2, c - 1])
+    msgs = []
+
+    def expect(exc, match, **kw):
+        args = kw.pop("args", (x, t))
+        try:
+            xd.vocab_parallel_cross_entropy(*args, **kw)
+        except exc as e:
+            if match not in str(e):
+                msgs.append(f"rank {rank} {kw}: message {e!r} lacks {match!r}")
+            return
+        except Exception as e:  # noqa: BLE001
+            msgs.append(f"rank {rank} {kw}: {type(e).__name__} {e} instead of {exc.__name__}")
+            return
+        msgs.append(f"rank {rank} {kw}: no {exc.__name__}")
+
+    expect(IndexError, f"Target {c} is out of bounds", args=(x, torch.tensor([0, 1, c, 2])))
+    expect(IndexError, "Target -3 is out of bounds", args=(x, torch.tensor([0, -3, 1, 2])))
+    expect(RuntimeError, "weight tensor", weight=torch.ones(c + 1))
+    expect(RuntimeError, "weight tensor", weight=torch.ones(c + 1), vocab_start=sum(sizes[:rank]))
+    expect(RuntimeError, "expected scalar type Float", weight=torch.ones(c, dtype=torch.float64))
+    expect(ValueError, "expected target of shape", args=(x, t[:3]))
+    expect(RuntimeError, "target dtype", args=(x, t.float()))
+    expect(RuntimeError, "label_smoothing", label_smoothing=-0.1)
+    expect(ValueError, "softcap", softcap=-1.0)
+    expect(ValueError, "vocab_start", vocab_start=-1)
+    return msgs
