@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../xent_row.h"
+#include "buffer_cache.h"
 #include "cpu_isa.h"
 
 namespace xent {
@@ -195,7 +196,8 @@ at::Tensor vocab_grad_cpu(const at::Tensor& logits_, const at::Tensor& target,
                           const at::Tensor& coef, double logit_scale, double softcap) {
   check_slice_args(logits_, target, weight, "vocab_grad");
   const at::Tensor logits = logits_.contiguous();
-  at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  // The gradient buffer from the cache of freed ones: fresh pages cost as much as the pass.
+  at::Tensor out = xent_cpu::empty_like_cached(logits);
   vocab_grad_into(logits, target, weight, vocab_start, coef, logit_scale, softcap, out);
   return out;
 }
