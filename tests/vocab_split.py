@@ -25,9 +25,10 @@ def split_cross_entropy(x, t, sizes, weight=None, ignore_index=-100, label_smoot
     # a NaN is not promised): the NaN sum-exp of that piece must carry the NaN to the row.
     maxes = torch.stack([s[:, 0] for s in st])
     gmax = torch.where(maxes.isnan(), -torch.inf, maxes).amax(0)
-    packed = sum(vm.pack(s, gmax, xi.shape[1], label_smoothing)
+    weighted = weight is not None
+    packed = sum(vm.pack(s, gmax, xi.shape[1], label_smoothing, weighted)
                  for s, xi in zip(st, xs, strict=True))
-    r = vm.combine(packed, gmax, t != ignore_index)
+    r = vm.combine(packed, gmax, t != ignore_index, label_smoothing, weighted)
     rows = vm.row_loss(r, label_smoothing, z_loss)
     if reduction == "mean":
         d = vm.divisor(r)

@@ -6,7 +6,8 @@ Only (N,)-sized tensors pass through here; the (N, V) work is in the operators. 
 are those of csrc/xent_row.h (ms_combine, dot_move, index_row_loss, index_grad_coef), written
 in ATen operations so that the combine runs on the device of the logits, without host sync:
 
-  the row's reference is the global max M of y; log_sum = log sum_j exp(y_j - M);
+  the row's reference M is the largest of the slices' references (each the slice's max, or
+  for the CPU kernels a value at most 64 below it); log_sum = log sum_j exp(y_j - M);
   loss = (1 - eps) w_t ((M - y_t) + log_sum) + eps / C (W log_sum - D) + z lse^2,
   D = sum_j w_j (y_j - M), W = sum_j w_j, lse = M + log_sum.
 
@@ -23,31 +24,36 @@ from torch import Tensor
 
 from ._vocab_ops import _DOT, _HIT, _MASS, _MAX, _SUM, _WT, _YT
 
-P_SUM, P_YT, P_WT, P_HIT, P_DOT, P_MASS = range(6)
+
+def layout(label_smoothing: float, weighted: bool) -> dict[str, int]:
+    """Columns of the packed tensor: sum-exp, target logit, hit count; the target weight only
+    with class weights (else it is the hit count); the smoothing sums only with smoothing."""
+    cols = ["sum", "y_t", "hit"] + (["w_t"] if weighted else [])
+    if label_smoothing > 0:
+        cols += ["dot", "mass"]
+    return {name: i for i, name in enumerate(cols)}
 
 
-def pack_width(label_smoothing: float) -> int:
-    return 6 if label_smoothing > 0 else 4
-
-
-def pack(stats: Tensor, gmax: Tensor, num_local: int, label_smoothing: float) -> Tensor:
+def pack(stats: Tensor, gmax: Tensor, num_local: int, label_smoothing: float,
+         weighted: bool) -> Tensor:
     """The slice's statistics relative to the row's global max gmax, ready to be summed over
-    slices: (N + 1, k), k = 6 with label smoothing, else 4."""
-    k = pack_width(label_smoothing)
+    slices: (N + 1, k), k = 3 to 6 (see layout)."""
+    col = layout(label_smoothing, weighted)
     m = stats[:, _MAX]
-    out = stats.new_zeros((stats.shape[0] + 1, k))
+    out = stats.new_zeros((stats.shape[0] + 1, len(col)))
     # A slice whose max is -inf adds nothing, but a NaN sum must stay NaN: sum * 0, not 0.
     scale = torch.where(m == -torch.inf, torch.zeros_like(m), (m - gmax).exp())
-    out[:-1, P_SUM] = stats[:, _SUM] * scale
-    out[:-1, P_YT] = stats[:, _YT]
-    out[:-1, P_WT] = stats[:, _WT]
-    out[:-1, P_HIT] = stats[:, _HIT]
-    if k == 6:
+    out[:-1, col["sum"]] = stats[:, _SUM] * scale
+    out[:-1, col["y_t"]] = stats[:, _YT]
+    out[:-1, col["hit"]] = stats[:, _HIT]
+    if weighted:
+        out[:-1, col["w_t"]] = stats[:, _WT]
+    if "dot" in col:
         # dot_move: sums taken against an all -inf slice's 0 stay so.
         moved = (m != gmax) & (m != -torch.inf)
         dot = stats[:, _DOT]
-        out[:-1, P_DOT] = torch.where(moved, dot + stats[:, _MASS] * (m - gmax), dot)
-        out[:-1, P_MASS] = stats[:, _MASS]
+        out[:-1, col["dot"]] = torch.where(moved, dot + stats[:, _MASS] * (m - gmax), dot)
+        out[:-1, col["mass"]] = stats[:, _MASS]
     out[-1, 0] = float(num_local)
     return out
 
@@ -67,20 +73,24 @@ class Rows:
     mass: Tensor | None
 
 
-def combine(summed: Tensor, gmax: Tensor, valid: Tensor) -> Rows:
+def combine(summed: Tensor, gmax: Tensor, valid: Tensor, label_smoothing: float,
+            weighted: bool) -> Rows:
     """The rows' normalisers from the packed statistics summed over every slice."""
+    col = layout(label_smoothing, weighted)
     s = summed[:-1]
     # ms_norm: a +inf max makes log_sum NaN (+inf - +inf, as log_softmax).
-    log_sum = torch.where(gmax == torch.inf, torch.full_like(gmax, torch.nan), s[:, P_SUM].log())
-    smooth = summed.shape[1] == 6
-    return Rows(ref=gmax, log_sum=log_sum, lse=gmax + log_sum, y_t=s[:, P_YT], w_t=s[:, P_WT],
-                valid=valid, num_classes=summed[-1, 0],
-                dot=s[:, P_DOT] if smooth else None, mass=s[:, P_MASS] if smooth else None)
+    log_sum = torch.where(gmax == torch.inf, torch.full_like(gmax, torch.nan),
+                          s[:, col["sum"]].log())
+    smooth = "dot" in col
+    return Rows(ref=gmax, log_sum=log_sum, lse=gmax + log_sum, y_t=s[:, col["y_t"]],
+                w_t=s[:, col["w_t" if weighted else "hit"]], valid=valid,
+                num_classes=summed[-1, 0], dot=s[:, col["dot"]] if smooth else None,
+                mass=s[:, col["mass"]] if smooth else None)
 
 
 def out_of_bounds(summed: Tensor, valid: Tensor) -> Tensor:
     """True for a non-ignored row whose target no slice holds (or more than one does)."""
-    return valid & (summed[:-1, P_HIT] != 1)
+    return valid & (summed[:-1, 2] != 1)  # layout: the hit count is column 2
 
 
 def row_loss(r: Rows, label_smoothing: float, z_loss: float) -> Tensor:

@@ -9,7 +9,9 @@ rows near 0.
   vocab_stats(logits (N, V), target (N,), weight (V,)?, vocab_start, ignore_index,
               label_smoothing, logit_scale, softcap) -> (N, 7) float32 (float64 for float64)
       per row, for the local slice [vocab_start, vocab_start + V) of the classes:
-      0 max     local max of y = T(x)  (-inf for an all -inf slice, NaN with a NaN logit)
+      0 max     the slice's reference: the max of y = T(x), or at most 64 below it (the CPU
+                kernels' row sweep); -inf for an all -inf slice; a NaN logit makes it NaN or
+                leaves it finite, and then always makes the sum NaN
       1 sum     sum_j exp(y_j - max)   (against 0 when max is -inf: 0)
       2 y_t     y of the target when the target is local, else 0
       3 w_t     weight of the target (1 without weights) when local and not ignored, else 0

@@ -47,7 +47,7 @@ class _LinearVocabCE(torch.autograd.Function):
             for i in range(0, n, chunk)]
         st = torch.cat(stats) if stats else x.new_zeros((0, _vocab_ops.STATS_COLS),
                                                         dtype=torch.float32)
-        rows = rows_from_stats(st, t, w.shape[0], cfg)
+        rows = rows_from_stats(st, t, w.shape[0], cfg, cw is not None)
         loss, coef, zrows = loss_and_coef(rows, cfg)
         ctx.cfg, ctx.chunk, ctx.has_bias, ctx.has_cw = cfg, chunk, b is not None, cw is not None
         empty = coef.new_empty(0)

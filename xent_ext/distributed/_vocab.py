@@ -44,18 +44,18 @@ def _forward_rows(x: Tensor, t: Tensor, w: Tensor | None, cfg: _Config):
     """The global rows' normalisers (vocab_math.Rows) from the local logits."""
     st = _vocab_ops.stats(x, t, w, cfg.vocab_start, cfg.ignore_index, cfg.label_smoothing,
                           cfg.logit_scale, cfg.softcap)
-    return rows_from_stats(st, t, x.shape[1], cfg)
+    return rows_from_stats(st, t, x.shape[1], cfg, w is not None)
 
 
-def rows_from_stats(st: Tensor, t: Tensor, num_local: int, cfg: _Config):
+def rows_from_stats(st: Tensor, t: Tensor, num_local: int, cfg: _Config, weighted: bool):
     """The two all-reduces: the local slices' statistics (N, 7) to the global rows."""
     # A copy: for one row the column is a contiguous view that the in-place all-reduce would
     # overwrite with the global max.
     gmax = _collectives.all_reduce(st[:, _MAX].clone(), "max", cfg.group)
-    packed = _vocab_math.pack(st, gmax, num_local, cfg.label_smoothing)
+    packed = _vocab_math.pack(st, gmax, num_local, cfg.label_smoothing, weighted)
     packed = _collectives.all_reduce(packed, "sum", cfg.group)
     valid = t != cfg.ignore_index
-    rows = _vocab_math.combine(packed, gmax, valid)
+    rows = _vocab_math.combine(packed, gmax, valid, cfg.label_smoothing, weighted)
     _check_bounds(t, packed, valid, rows, cfg)
     return rows
 
