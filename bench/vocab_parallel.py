@@ -142,8 +142,10 @@ def _worker(rank, world, port, args, queue):
         loss, grad = _step(name, local, target, rank * v, mesh)  # warm-up, checked
         if ref is None:
             ref = (loss, grad)
-        ok = torch.allclose(loss.float(), ref[0].float(), rtol=1e-3, atol=1e-3) and \
-            torch.allclose(grad.float(), ref[1].float(), rtol=1e-3, atol=1e-5)
+        tol = 1e-3 if dtype in (torch.float32, torch.float64) else 2e-2  # half: 1 rounding
+        # the gradient against the largest entry (entries of p / N are tiny for 'mean')
+        err = (grad.float() - ref[1].float()).abs().max() / ref[1].float().abs().max()
+        ok = torch.allclose(loss.float(), ref[0].float(), rtol=tol, atol=tol) and err <= tol
         counter = _CountCollectives()
         with counter:
             _step(name, local, target, rank * v, mesh)

@@ -42,7 +42,7 @@ def _worker(rank, world, port, target, payload, queue):
             dist.destroy_process_group()
 
 
-def run_group(world: int, target: str, payload=None, timeout: float = 120.0) -> list[str]:
+def run_group(world: int, target: str, payload=None, timeout: float = 240.0) -> list[str]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
