@@ -2,8 +2,10 @@
 
 Forward, per call: one fused pass over the local logits for the slice's statistics
 (xent_ext._vocab_ops.stats), an all-reduce MAX of the per-row local max, and ONE all-reduce SUM
-of a packed (N + 1, k) tensor (sum-exp relative to the global max, target logit, target weight,
-a hit count, the smoothing sums, and the class count).  The backward communicates nothing: each
+of a packed (N + 1, k) tensor (sum-exp relative to the global max, target logit, a hit count,
+the target weight and smoothing sums when used, and the class count: _vocab_math.layout).
+DTensor 'mean' over batch-sharded mesh dims adds one all-reduce per such dim (two with z-loss
+asked for).  The backward communicates nothing: each
 rank computes its slice of the gradient from its own logits and the (N, 4) per-row
 coefficients saved by the forward (no float32 copy of the logits is kept).
 """
