@@ -145,7 +145,7 @@ def _worker(rank, world, port, args, queue):
         tol = 1e-3 if dtype in (torch.float32, torch.float64) else 2e-2  # half: 1 rounding
         # the gradient against the largest entry (entries of p / N are tiny for 'mean')
         err = (grad.float() - ref[1].float()).abs().max() / ref[1].float().abs().max()
-        ok = torch.allclose(loss.float(), ref[0].float(), rtol=tol, atol=tol) and err <= tol
+        ok = torch.allclose(loss.float(), ref[0].float(), rtol=tol, atol=tol) and bool(err <= tol)
         counter = _CountCollectives()
         with counter:
             _step(name, local, target, rank * v, mesh)
