@@ -196,3 +196,23 @@ def test_cpu_kernels_match_the_aten_implementation():
             inplace = x.clone()
             vo.grad_(inplace, t, gw, start, coef, scale, cap)
             torch.testing.assert_close(inplace, gg, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("c, sizes", CUTS[::2], ids=[f"{c}-{s}" for c, s in CUTS[::2]])
+def test_aten_implementation_equals_cross_entropy(monkeypatch, c, sizes):
+    """The ATen implementation alone (what CUDA runs) through the same combine: the CPU
+    kernels swapped out."""
+    monkeypatch.setattr(vo, "stats", vo.stats_aten)
+    monkeypatch.setattr(vo, "grad", vo.grad_aten)
+    g = torch.Generator().manual_seed(c + 1)
+    x = torch.randn(5, c, generator=g, dtype=torch.float64) * 4
+    x[2, 0] = torch.nan
+    t = torch.randint(0, c, (5,), generator=g)
+    t[0] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    for opts in OPTIONS:
+        for weight in (None, w):
+            loss, grad, _ = split_cross_entropy(x, t, sizes, weight=weight, **opts)
+            want_loss, want_grad = _ref(x, t, weight, **opts)
+            _close(loss, want_loss, 1e-10)
+            _close(grad, want_grad, 1e-10)
