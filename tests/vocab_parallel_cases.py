@@ -220,6 +220,7 @@ def run_cases(rank, world, sizes):
         seed += 1
         msgs += check_case(rank, world, sizes, dtype, {}, {"extreme": "big"}, None, seed=seed)
     msgs += check_errors(rank, world, sizes)
+    msgs += check_saved(rank, world, sizes)
     return msgs
 
 
@@ -418,3 +419,29 @@ def check_compile(rank, world):
     if not (torch.allclose(la, lb) and torch.allclose(xa.grad, xb.grad)):
         return [f"rank {rank}: compiled {lb} vs eager {la}"]
     return []
+
+
+def check_saved(rank, world, sizes):
+    """What the backward keeps: the logits themselves (no float32 copy of them, no softmax)
+    and per-row numbers, for bfloat16 logits."""
+    import xent_ext.distributed as xd
+
+    v = sizes[rank] + 5  # wider than the (N, 4) coefficients, to tell them apart
+    x = torch.randn(16, v, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, sum(sizes) + 5 * world, (16,),
+                      generator=torch.Generator().manual_seed(5))
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype, tensor.data_ptr()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = xd.vocab_parallel_cross_entropy(x, t, label_smoothing=0.1)
+    loss.backward()
+    big = [s for s in saved if len(s[0]) == 2 and s[0][1] == v and s[0][0] == 16]
+    msgs = []
+    if any(s[1] != torch.bfloat16 or s[2] != x.data_ptr() for s in big):
+        msgs.append(f"rank {rank}: the backward saved an N x V tensor other than the logits: "
+                    f"{saved}")
+    return msgs

@@ -4,10 +4,9 @@ Forward, per call: one fused pass over the local logits for the slice's statisti
 (xent_ext._vocab_ops.stats), an all-reduce MAX of the per-row local max, and ONE all-reduce SUM
 of a packed (N + 1, k) tensor (sum-exp relative to the global max, target logit, a hit count,
 the target weight and smoothing sums when used, and the class count: _vocab_math.layout).
-DTensor 'mean' over batch-sharded mesh dims adds one all-reduce per such dim (two with z-loss
-asked for).  The backward communicates nothing: each
-rank computes its slice of the gradient from its own logits and the (N, 4) per-row
-coefficients saved by the forward (no float32 copy of the logits is kept).
+DTensor 'mean' over batch-sharded mesh dims adds one all-reduce per such dim.  The backward
+communicates nothing: each rank computes its slice of the gradient from its own logits and the
+(N, 4) per-row coefficients saved by the forward (no float32 copy of the logits is kept).
 """
 
 from __future__ import annotations
@@ -83,34 +82,37 @@ def _check_bounds(t: Tensor, packed: Tensor, valid: Tensor, rows, cfg: _Config) 
                             "is neither the vocabulary size nor the local one")
 
 
-def _reduce(rows_loss: Tensor, rows, cfg: _Config):
-    """(reduced loss, gradient scale of every row for an incoming gradient of 1, divisor)."""
+def _reduce(rows_loss: Tensor, zrows: Tensor | None, rows, cfg: _Config):
+    """(reduced loss, z-loss term reduced alike or None, gradient scale of every row for an
+    incoming gradient of 1)."""
     if cfg.reduction == _ops._REDUCTION_NONE:
-        return rows_loss, rows_loss.new_ones(()), None
+        return rows_loss, zrows, rows_loss.new_ones(())
     total = rows_loss.sum()
+    ztotal = zrows.sum() if zrows is not None else None
     if cfg.reduction == _ops._REDUCTION_SUM:
-        return total, total.new_ones(()), None
+        return total, ztotal, total.new_ones(())
     div = _vocab_math.divisor(rows)
     if cfg.mean_groups:
-        both = torch.stack([total, div])
+        # numerator, divisor (and z-loss term) summed over the batch-sharded dims at once
+        parts = torch.stack([total, div] + ([ztotal] if ztotal is not None else []))
         for g in cfg.mean_groups:
-            both = _collectives.all_reduce(both, "sum", g)
-        total, div = both[0], both[1]
-    return total / div, 1.0 / div, div
+            parts = _collectives.all_reduce(parts, "sum", g)
+        total, div = parts[0], parts[1]
+        ztotal = parts[2] if ztotal is not None else None
+    return total / div, ztotal / div if ztotal is not None else None, 1.0 / div
 
 
 def loss_and_coef(rows, cfg: _Config):
     """(reduced loss, (N, 4) gradient coefficients for an incoming gradient of 1, z-loss term
     reduced like the loss or None)."""
     rows_loss = _vocab_math.row_loss(rows, cfg.label_smoothing, cfg.z_loss)
-    loss, scale, div = _reduce(rows_loss, rows, cfg)
-    coef = _vocab_math.grad_coef(rows, scale, cfg.label_smoothing, cfg.z_loss)
     zrows = None
     if cfg.z_loss > 0:
         zrows = torch.where(rows.valid, cfg.z_loss * rows.lse * rows.lse,
                             torch.zeros_like(rows.lse))
-        zrows = _reduce_like(zrows, cfg, div)
-    return loss, coef, zrows
+    loss, zterm, scale = _reduce(rows_loss, zrows, rows, cfg)
+    coef = _vocab_math.grad_coef(rows, scale, cfg.label_smoothing, cfg.z_loss)
+    return loss, coef, zterm
 
 
 def scaled_coef(coef: Tensor, grad_loss: Tensor) -> Tensor:
@@ -167,17 +169,6 @@ class _VocabCE(torch.autograd.Function):
         g = _vocab_ops.grad(x, t, w, cfg.vocab_start, scaled_coef(coef, grad_loss),
                             cfg.logit_scale, cfg.softcap)
         return g, None, None, None, None
-
-
-def _reduce_like(rows: Tensor, cfg: _Config, div: Tensor | None) -> Tensor:
-    if cfg.reduction == _ops._REDUCTION_NONE:
-        return rows
-    if cfg.reduction == _ops._REDUCTION_SUM:
-        return rows.sum()
-    total = rows.sum()
-    for g in cfg.mean_groups:
-        total = _collectives.all_reduce(total.reshape(1), "sum", g).reshape(())
-    return total / div
 
 
 def _check_weight(weight: Tensor, x: Tensor, v: int, vocab_start: int, vocab_size: int | None):
