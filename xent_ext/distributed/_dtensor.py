@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.nn import _reduction as _legacy_reduction
 
 from ._vocab import vocab_parallel_cross_entropy
 
@@ -78,10 +79,11 @@ def cross_entropy(input: DTensor, target, weight, ignore_index: int, reduction: 
     if local.dim() > 1:
         local = local.movedim(1, -1)  # the kernels take the classes last
     batch_dims = [i for i, p in enumerate(placements) if i != tp and p.is_shard()]
-    red = reduction
+    # torch's own mapping (the deprecated 'elementwise_mean' is 'mean', with its warning)
+    red = {0: "none", 1: "mean", 2: "sum"}[_legacy_reduction.get_enum(reduction)]
     out = vocab_parallel_cross_entropy(
         local, t_local, group=mesh.get_group(tp), vocab_start=int(offset[class_dim]),
-        weight=weight, ignore_index=ignore_index, reduction=reduction,
+        weight=weight, ignore_index=ignore_index, reduction=red,
         label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
         softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
         inplace_backward=inplace_backward, _vocab_size=int(input.shape[class_dim]),
