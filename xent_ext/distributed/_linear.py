@@ -11,6 +11,8 @@ it.  Peak extra memory: one chunk of logits, plus d input in float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -134,7 +136,7 @@ def vocab_parallel_linear_cross_entropy(
     v = local_weight.shape[0]
     cfg, cw = make_config(input, v, group, vocab_start, None, weight, red, ignore_index,
                           label_smoothing, logit_scale, softcap, z_loss, None)
-    x2 = input.reshape(-1, input.shape[-1])
+    x2 = input.reshape(math.prod(row_shape), input.shape[-1])
     t = target.reshape(-1).long()
     chunk = _chunk_rows(x2.shape[0], v, chunk_size)
     loss, lse, zterm = _LinearVocabCE.apply(x2, local_weight, bias, t, cw, cfg, chunk)

@@ -11,6 +11,7 @@ communicates nothing: each rank computes its slice of the gradient from its own 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -281,7 +282,7 @@ def vocab_parallel_cross_entropy(
                               ignore_index, label_smoothing, logit_scale, softcap, z_loss,
                               _mean_groups)
     row_shape = tuple(local_logits.shape[:-1])
-    x2 = local_logits.reshape(-1, v)
+    x2 = local_logits.reshape(math.prod(row_shape), v)  # not -1: a rank may hold no classes
     t = target.reshape(-1).long()
     compute_grad = torch.is_grad_enabled() and x2.requires_grad
     if inplace_backward and compute_grad:
