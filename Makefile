@@ -110,11 +110,11 @@ bench: build
 	$(PY) -m bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check xent_ext tests bench tools setup.py
+	$(BIN)/ruff check xent_ext tests bench examples tools setup.py
 	$(BIN)/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 format: setup
-	$(BIN)/ruff check --fix xent_ext tests bench tools setup.py
+	$(BIN)/ruff check --fix xent_ext tests bench examples tools setup.py
 	$(BIN)/clang-format -i $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 # On a GPU machine: build, CUDA tests, compute-sanitizer, GPU bench; logs under OUT. The script

@@ -7,6 +7,11 @@
 //   its autograd formula.
 // cross_entropy_fwd_inplace_: the same, with the gradient written over the (contiguous) input.
 // scale_grad_: grad *= scale in place, skipping rows whose scale is exactly 1 (the backward).
+// vocab_stats, vocab_grad, vocab_grad_: one slice [vocab_start, vocab_start + V) of every row's
+//   classes (vocab-parallel cross entropy): the slice's partial statistics (N, 7) = [max,
+//   sum-exp relative to it, target logit, target weight, hit, smoothing sums relative to the
+//   max], and its gradient given the row's normaliser and coefficients (N, 4) = [ref, a, b, hot]
+//   (see xent_ext/_vocab_ops.py; CPU kernels in cpu/xent_cpu_vocab.cpp, ATen elsewhere).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -26,6 +31,15 @@ TORCH_LIBRARY(xent_ext, m) {
       "int reduction, int ignore_index, float label_smoothing, float logit_scale, "
       "float softcap, float z_loss) -> (Tensor loss, Tensor lse)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def(
+      "vocab_stats(Tensor logits, Tensor target, Tensor? weight, int vocab_start, "
+      "int ignore_index, float label_smoothing, float logit_scale, float softcap) -> Tensor");
+  m.def(
+      "vocab_grad(Tensor logits, Tensor target, Tensor? weight, int vocab_start, Tensor coef, "
+      "float logit_scale, float softcap) -> Tensor");
+  m.def(
+      "vocab_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, int vocab_start, "
+      "Tensor coef, float logit_scale, float softcap) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

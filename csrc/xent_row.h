@@ -197,6 +197,16 @@ XENT_HD DotAcc<T> dot_combine(DotAcc<T> a, T ma, DotAcc<T> b, T mb, T m) {
   return {a.dot + b.dot, a.mass + b.mass};
 }
 
+// Pushes y into a slice's max/sum and, with coefficient c, into its target sums, keeping them
+// relative to the running max (the partial statistics of one slice of a row: a vocab-parallel
+// shard, or a piece of a split row).
+template <typename T>
+XENT_HD void ms_dot_push(MaxSum<T>& ms, DotAcc<T>& d, T y, T c) {
+  const T m_old = ms.max;
+  ms = ms_push(ms, y);
+  d = dot_push(dot_move(d, m_old, ms.max), ms.max, y, c);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Logit transform y = T(x) and its derivative.
 // ---------------------------------------------------------------------------------------------

@@ -28,4 +28,13 @@ from .patching import is_patched, patch, unpatch
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
            "patch", "unpatch", "is_patched", "reference",
            "cpu_isa", "set_cpu_isa", "has_cuda", "cuda_available", "about", "empty_cpu_cache",
-           "_ops", "__version__"]
+           "_ops", "__version__", "distributed"]
+
+
+def __getattr__(name: str):
+    # torch.distributed is imported on first use only (and may be absent from a torch build).
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -157,6 +157,14 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
+    if _is_dtensor(input):
+        # Logits sharded on the class dimension: the vocab-parallel path (xent_ext.distributed).
+        from .distributed import _dtensor
+
+        return _dtensor.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+            return_z_loss=return_z_loss, softcap=softcap, logit_scale=logit_scale,
+            return_lse=return_lse, inplace_backward=inplace_backward)
     red = _check_options(input, target, weight, reduction, label_smoothing, z_loss, softcap,
                          logit_scale)
     prob = _check_target(input, target, ignore_index)
@@ -224,6 +232,21 @@ def cross_entropy(
     if return_lse:
         out.append(lse.reshape(row_shape))
     return tuple(out)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A DTensor, without importing torch.distributed for plain tensors."""
+    if type(t) is Tensor:  # the common case, decided at once
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _dtensor_type():
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def _needs_composite(x3: Tensor, t3: Tensor) -> bool:
