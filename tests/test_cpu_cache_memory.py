@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import xent_ext
-from xent_ext import _C
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 8192
@@ -41,9 +40,9 @@ def _step(rows: int, seed: int) -> int:
 def test_steady_state_reuses_the_buffer():
     xent_ext.empty_cpu_cache()
     first = _step(1024, 0)
-    assert _C.cpu_cache_bytes() == _rounded(1024)
+    assert xent_ext.cpu_cache_bytes() == _rounded(1024)
     assert _step(1024, 1) == first  # the same pages again: no fresh page faults
-    assert _C.cpu_cache_bytes() == _rounded(1024)
+    assert xent_ext.cpu_cache_bytes() == _rounded(1024)
 
 
 @linux_only
@@ -52,9 +51,9 @@ def test_varying_sizes_keep_only_the_current_one():
     for i, rows in enumerate(ROWS):
         _step(rows, i)
         # Only this size's buffer is kept; every earlier size was freed.
-        assert _C.cpu_cache_bytes() == _rounded(rows), (i, rows)
+        assert xent_ext.cpu_cache_bytes() == _rounded(rows), (i, rows)
     assert xent_ext.empty_cpu_cache() == _rounded(ROWS[-1])
-    assert _C.cpu_cache_bytes() == 0
+    assert xent_ext.cpu_cache_bytes() == 0
 
 
 @linux_only
@@ -65,7 +64,7 @@ def test_two_live_gradients_of_one_size_are_both_kept_and_no_more():
     for x in xs:
         xent_ext.cross_entropy(x, t).backward()
     del xs
-    assert _C.cpu_cache_bytes() == 2 * _rounded(1024)
+    assert xent_ext.cpu_cache_bytes() == 2 * _rounded(1024)
     xent_ext.empty_cpu_cache()
 
 
@@ -74,7 +73,7 @@ import json, os, sys
 import torch
 import torch.nn.functional as F
 import xent_ext
-from xent_ext import _C
+
 
 torch.set_num_threads(1)
 fn = xent_ext.cross_entropy if sys.argv[1] == "xent_ext" else F.cross_entropy
@@ -92,7 +91,7 @@ for i, rows in enumerate(rows_list * 2):  # twice over: what stays behind shows 
     fn(x, torch.randint(0, V, (rows,), generator=g)).backward()
     peak = max(peak, rss())  # logits and gradient alive
     del x
-    cached = max(cached, _C.cpu_cache_bytes())
+    cached = max(cached, xent_ext.cpu_cache_bytes())
 print(json.dumps({"peak": peak, "end": rss(), "cached": cached}))
 """
 
