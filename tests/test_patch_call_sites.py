@@ -225,3 +225,18 @@ def test_compiled_call_while_patched():
     with xent_ext.patch():
         got = fn(x, t)
     torch.testing.assert_close(got, F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("site", ["F.cross_entropy", "early-bound import",
+                                  "aten::cross_entropy_loss"])
+def test_autocast_runs_in_float32_as_torch(site):
+    fn = CALL_SITES[site]
+    x, t = _data(seed=11)
+    x = x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fn(x, t)
+        with xent_ext.patch():
+            got = fn(x.clone().requires_grad_(), t)
+    assert got.dtype == want.dtype == torch.float32
+    assert type(got.grad_fn).__name__ == OURS
+    torch.testing.assert_close(got.detach(), want)
