@@ -182,3 +182,46 @@ def test_importable_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert "needs the transformers package" in out
+
+
+def test_training_loss_goes_through_the_fused_call(monkeypatch):
+    from xent_ext.integrations import _linear_ce
+
+    seen = []
+    real = _linear_ce.linear_cross_entropy
+
+    def spy(input, weight, target, bias=None, **options):
+        seen.append((tuple(input.shape), options))
+        return real(input, weight, target, bias, **options)
+
+    monkeypatch.setattr(_linear_ce, "linear_cross_entropy", spy)
+    model = xent_hf.apply(_model("gemma3"), z_loss=1e-3)
+    ids, labels = _batch(seed=6)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert seen == [((2 * SEQ, 32), {"reduction": "mean", "ignore_index": -100,
+                                     "z_loss": 1e-3, "softcap": 0.2})]
+    model.eval()
+    model(input_ids=ids, labels=labels)
+    assert len(seen) == 1  # evaluation: the logits-level loss
+
+
+def test_a_copy_of_an_applied_model_is_its_own():
+    ref = _model("llama")
+    ours = xent_hf.apply(copy.deepcopy(ref))
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    ids, labels = _batch(seed=7)
+    twin(input_ids=ids, labels=labels).loss.backward()
+    assert twin.lm_head.weight.grad is not None and ours.lm_head.weight.grad is None
+    torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss,
+                               ref(input_ids=ids, labels=labels).loss)
+
+
+def test_apply_again_replaces_the_mode():
+    ref = _model("qwen2")
+    ours = xent_hf.apply(xent_hf.apply(copy.deepcopy(ref)), fused_linear=False)
+    ids, labels = _batch(seed=8)
+    out = ours(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=labels).loss)
