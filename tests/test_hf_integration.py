@@ -225,3 +225,21 @@ def test_apply_again_replaces_the_mode():
     out = ours(input_ids=ids, labels=labels)
     assert out.logits is not None
     torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=labels).loss)
+
+
+def test_autocast_bfloat16_matches():
+    ref = _model("llama")
+    ours = xent_hf.apply(copy.deepcopy(ref))
+    ids, labels = _batch(seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(input_ids=ids, labels=labels).loss
+        got = ours(input_ids=ids, labels=labels).loss
+    assert got.dtype == want.dtype == torch.float32
+    # The logits in bfloat16 either way; the loss of bfloat16 logits differs by their rounding.
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    got.backward()
+    want.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters()}
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=5e-2, atol=5e-3,
+                                   msg=lambda m, n=name: f"{n}: {m}")

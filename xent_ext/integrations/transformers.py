@@ -183,8 +183,15 @@ def loss_from_hidden(head, hidden, labels, *, options, num_items_in_batch=None,
     """The causal-LM loss from the hidden states entering lm_head (fused linear + CE)."""
     target = _shifted(labels, ignore_index, shift_labels).to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = _linear_ce.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                                           target, head.bias, ignore_index=ignore_index,
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # What lm_head would have computed under autocast: the matmul in autocast's dtype.
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    loss = _linear_ce.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                           target, bias, ignore_index=ignore_index,
                                            reduction=reduction, **options)
     return _normalised(loss.float(), num_items_in_batch)
 
