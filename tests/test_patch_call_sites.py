@@ -240,3 +240,22 @@ def test_autocast_runs_in_float32_as_torch(site):
     assert got.dtype == want.dtype == torch.float32
     assert type(got.grad_fn).__name__ == OURS
     torch.testing.assert_close(got.detach(), want)
+
+
+def test_torch_func_transforms_while_patched():
+    x, t = _data(seed=12)
+    t = t.clamp(min=0)
+
+    def loss(a, b):
+        return early_bound_cross_entropy(a, b, label_smoothing=0.1)
+
+    small, t_small = x[:2, :4], t[:2].clamp(max=3)
+    want_grad = torch.func.grad(loss)(x, t)
+    want_hessian = torch.func.hessian(loss)(small, t_small)
+    with xent_ext.patch():
+        got_grad = torch.func.grad(loss)(x, t)
+        got_hessian = torch.func.hessian(loss)(small, t_small)
+        rows = torch.vmap(lambda a, b: early_bound_cross_entropy(a, b))(x, t)
+    torch.testing.assert_close(got_grad, want_grad)
+    torch.testing.assert_close(got_hessian, want_hessian)
+    torch.testing.assert_close(rows, F.cross_entropy(x, t, reduction="none"))
