@@ -242,6 +242,8 @@ def test_autocast_runs_in_float32_as_torch(site):
     torch.testing.assert_close(got.detach(), want)
 
 
+# torch.func scripts a helper of its own on first use, with torch's deprecation warning.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torch_func_transforms_while_patched():
     x, t = _data(seed=12)
     t = t.clamp(min=0)
