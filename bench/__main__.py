@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import cases, impls, meta, plot, report, runner
+from . import cases, impls, linear, meta, plot, report, runner
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for the JSON and PNG (default: bench/results)")
     p.add_argument("--dtypes", help="comma list, e.g. float32,bfloat16 (default: per device)")
     p.add_argument("--shapes", help="comma list of NxV, e.g. 4096x32000,1024x128256")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd",
+                   help="comma list of fwd, fwdbwd; or linear alone (a language-model head's "
+                        "loss from hidden states: --shapes NxHxV)")
+    p.add_argument("--reps", type=int,
+                   help="--modes linear: timed reps per cell (default: 2 on CPU, 10 on CUDA, "
+                        "1 with --quick)")
     p.add_argument("--impls", help=f"comma list among {', '.join(impls.IMPLS)} (default: all)")
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's own, torch.get_num_threads())")
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
+    if args.modes.strip() == "linear":
+        return _main_linear(parser, args, device)
     try:
         shapes = cases.parse_shapes(args.shapes) if args.shapes else None
         dtypes = cases.parse_dtypes(args.dtypes) if args.dtypes else None
@@ -88,6 +95,44 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a plotting problem must not lose the measured numbers
             print(f"plot failed ({type(e).__name__}: {e}); numbers are in the JSON",
                   file=sys.stderr)
+    return 0
+
+
+def _main_linear(parser: argparse.ArgumentParser, args, device: str) -> int:
+    """--modes linear: hidden states -> loss through the head (bench/linear.py)."""
+    from .linear_impls import LINEAR_IMPLS
+
+    try:
+        shapes = (linear.parse_shapes(args.shapes) if args.shapes
+                  else linear.default_shapes(device, args.quick))
+        dtypes = (cases.parse_dtypes(args.dtypes) if args.dtypes
+                  else linear.default_dtypes(device, args.quick))
+        names = list(LINEAR_IMPLS)
+        if args.impls:
+            wanted = [w.strip() for w in args.impls.split(",") if w.strip()]
+            unknown = [w for w in wanted if w not in LINEAR_IMPLS]
+            if unknown:
+                raise ValueError(f"unknown implementation(s) {unknown} for --modes linear: "
+                                 f"choose from {names}")
+            names = [n for n in names if n in wanted]
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (1 if args.quick else 10 if device == "cuda" else 2)
+    info = meta.collect(device)
+    print(f"device {device}: {info['device_name']}; torch {info['torch_version']}; "
+          f"torch.get_num_threads() = {info['threads']}; load {info['loadavg_1min']}",
+          flush=True)
+    cells = linear.run(device, shapes, dtypes, names, reps)
+    linear.print_table(cells)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"bench-linear-{device}-{stamp}.json"
+    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    linear.write_json(json_path, cells, info, run_args)
+    print(f"\nwrote {json_path}")
     return 0
 
 

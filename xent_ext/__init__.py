@@ -20,10 +20,13 @@ from ._C import cpu_cache_bytes, cpu_isa, empty_cpu_cache, set_cpu_isa
 from ._capabilities import about, cuda_available, has_cuda
 from ._version import __version__
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
+from .linear_module import LinearCrossEntropyLoss
 from .modules import CrossEntropyLoss
 from .patching import is_patched, patch, unpatch
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "patch", "unpatch", "is_patched", "reference",
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "patch", "unpatch", "is_patched", "reference",
            "cpu_isa", "set_cpu_isa", "has_cuda", "cuda_available", "about", "empty_cpu_cache",
            "cpu_cache_bytes",
            "_ops", "__version__"]
