@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xent_ext.integrations import transformers as xent_hf
 
@@ -185,17 +187,18 @@ def test_importable_without_transformers():
 
 
 def test_training_loss_goes_through_the_fused_call(monkeypatch):
-    from xent_ext.integrations import _linear_ce
+    import xent_ext
 
     seen = []
-    real = _linear_ce.linear_cross_entropy
+    real = xent_ext.linear_cross_entropy
 
     def spy(input, weight, target, bias=None, **options):
         seen.append((tuple(input.shape), options))
         return real(input, weight, target, bias, **options)
 
-    monkeypatch.setattr(_linear_ce, "linear_cross_entropy", spy)
+    monkeypatch.setattr(xent_ext, "linear_cross_entropy", spy)
     model = xent_hf.apply(_model("gemma3"), z_loss=1e-3)
+    seen.clear()  # apply() checked the options' values with a call of its own
     ids, labels = _batch(seed=6)
     model(input_ids=ids, labels=labels).loss.backward()
     assert seen == [((2 * SEQ, 32), {"reduction": "mean", "ignore_index": -100,
@@ -243,3 +246,45 @@ def test_autocast_bfloat16_matches():
     for name, p in ref.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=5e-2, atol=5e-3,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The largest tensor any operator returns while in force."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_training_never_holds_the_logits(family):
+    """No operator the model's training step runs returns a tensor the size of the logits
+    (linear_cross_entropy's own chunk buffer is its business, tested with it)."""
+    ids, labels = _batch(seed=10, batch=6)  # 72 rows: the logits are the largest tensor
+    n_logits = ids.numel() * VOCAB
+    with _LargestTensor() as seen:
+        _model(family)(input_ids=ids, labels=labels).loss.backward()
+    assert seen.largest >= n_logits  # the check sees them where they exist
+    model = xent_hf.apply(_model(family), chunk_size=16)
+    with _LargestTensor() as seen:
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert seen.largest < n_logits
+
+
+def test_chunk_options_only_on_the_fused_path():
+    ref = _model("mistral")
+    ours = xent_hf.apply(copy.deepcopy(ref), chunk_bytes=1 << 12)
+    ids, labels = _batch(seed=11)
+    torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss,
+                               ref(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="only with fused_linear=True"):
+        xent_hf.apply(_model("mistral"), fused_linear=False, chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        xent_hf.apply(_model("mistral"), chunk_size=0)

@@ -4,9 +4,10 @@
     xent_hf.apply(model)                      # before creating the Trainer
 
 In training mode, model(..., labels=...) then runs the base model, takes the hidden states
-that would enter lm_head and computes the loss with the fused linear + cross-entropy
-(lm_head's weight and bias, the labels shifted as transformers shifts them, ignore_index=-100,
-num_items_in_batch for gradient accumulation): no logits are returned (output.logits is None).
+that would enter lm_head and computes the loss with xent_ext.linear_cross_entropy (lm_head's
+weight and bias, the labels shifted as transformers shifts them, ignore_index=-100,
+num_items_in_batch for gradient accumulation): the logits are never held whole, and none are
+returned (output.logits is None).
 In evaluation mode the model returns its logits as before and the loss comes from them, through
 xent_ext's kernel.  Gemma 2 / 3's final_logit_softcapping becomes xent_ext's softcap.  The
 Trainer's label smoother (label_smoothing_factor > 0) is swapped for one on xent_ext's kernel.
@@ -27,11 +28,11 @@ from torch import nn
 
 import xent_ext
 
-from . import _linear_ce
-
 # xent_ext.cross_entropy's options that apply() passes on.  inplace_backward is not among them:
 # it would overwrite logits that the model also returns.
 _OPTIONS = frozenset({"z_loss", "softcap", "logit_scale", "label_smoothing"})
+# linear_cross_entropy's own, for the fused path only.
+_FUSED_OPTIONS = frozenset({"chunk_size", "chunk_bytes"})
 
 _capture = threading.local()
 
@@ -52,19 +53,26 @@ def apply(model, *, fused_linear: bool = True, **options):
     fused linear + cross-entropy, and the logits are not returned; fused_linear=False: the
     model computes its logits as before and the loss runs on xent_ext's logits-level kernel.
     options: z_loss, softcap, logit_scale, label_smoothing, as xent_ext.cross_entropy takes
-    them (an unknown name raises TypeError).  Calling apply() again replaces the options.
+    them, and with fused_linear=True linear_cross_entropy's chunk_size or chunk_bytes (an
+    unknown name raises TypeError).  Calling apply() again replaces the options.
     """
     tf = _transformers()
-    unknown = set(options) - _OPTIONS
+    allowed = _OPTIONS | (_FUSED_OPTIONS if fused_linear else frozenset())
+    unknown = set(options) - allowed
     if unknown:
-        raise TypeError(f"apply() got an unexpected keyword argument {sorted(unknown)[0]!r} "
-                        f"(options: {', '.join(sorted(_OPTIONS))})")
+        name = sorted(unknown)[0]
+        where = " (only with fused_linear=True)" if name in _FUSED_OPTIONS else ""
+        raise TypeError(f"apply() got an unexpected keyword argument {name!r}{where} "
+                        f"(options: {', '.join(sorted(allowed))})")
     _check_model(tf, model)
     with torch.no_grad():  # the values, checked once with the error each call would give
-        xent_ext.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **options)
+        target = torch.zeros(1, dtype=torch.long)
+        xent_ext.linear_cross_entropy(torch.zeros(1, 2), torch.zeros(2, 2), target, **options)
+    chunking = {k: v for k, v in options.items() if k in _FUSED_OPTIONS}
+    options = {k: v for k, v in options.items() if k not in _FUSED_OPTIONS}
 
     config_cap = getattr(model.config, "final_logit_softcapping", None)
-    fused_options = dict(options)
+    fused_options = dict(options, **chunking)
     if config_cap is not None:
         if options.get("softcap") not in (None, config_cap):
             raise ValueError(f"apply(softcap={options['softcap']}): the model's config already "
@@ -190,9 +198,9 @@ def loss_from_hidden(head, hidden, labels, *, options, num_items_in_batch=None,
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    loss = _linear_ce.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                           target, bias, ignore_index=ignore_index,
-                                           reduction=reduction, **options)
+    loss = xent_ext.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target,
+                                         bias, ignore_index=ignore_index, reduction=reduction,
+                                         **options)
     return _normalised(loss.float(), num_items_in_batch)
 
 
