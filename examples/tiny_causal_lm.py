@@ -51,7 +51,7 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden,
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=max(args.hidden // 32, 1),
                          max_position_embeddings=args.seq, tie_word_embeddings=False)
@@ -134,6 +134,9 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab", type=int, default=VOCAB,
+                   help="the model's vocabulary (>= 256: only the byte ids occur; a larger one "
+                        "is a real model's logits size, where the fused loss saves memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=["transformers", "xent_ext"],
@@ -142,6 +145,8 @@ def main(argv=None) -> dict:
                    help="both configurations in this process: faster, but the second one's "
                         "memory and warm-up then benefit from the first")
     args = p.parse_args(argv)
+    if args.vocab < VOCAB:
+        p.error(f"--vocab must be at least {VOCAB} (the byte ids)")
 
     if args.only:
         print(json.dumps(run_one(args.only, args)))
