@@ -22,9 +22,12 @@ from .functional import cross_entropy
 
 # The ATen schema's int reduction (torch.nn._reduction.get_enum) back to the names.
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
-# AutogradMeta too, so that a meta-device call raises when options are set rather than run
-# torch's without them (torch refuses a Meta kernel for a composite operator).
-_DISPATCH_KEYS = ("CPU", "CUDA", "AutogradCPU", "AutogradCUDA", "AutogradMeta")
+# The autograd keys of other devices too (meta, XPU, MPS, out-of-tree backends), so that such a
+# call raises when options are set rather than run torch's kernel without them; torch refuses
+# a kernel for their backend keys on a composite operator, so under inference_mode (no
+# autograd key) those devices go to torch's kernel directly.
+_DISPATCH_KEYS = ("CPU", "CUDA", "AutogradCPU", "AutogradCUDA", "AutogradMeta", "AutogradXPU",
+                  "AutogradMPS", "AutogradPrivateUse1")
 
 _torch_own = torch.ops.aten.cross_entropy_loss.default.decompose
 
