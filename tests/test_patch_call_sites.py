@@ -212,10 +212,11 @@ def test_patches_from_threads():
 def test_what_xent_cannot_run_goes_to_torch_unless_options_are_set():
     x = torch.empty(4, 5, device="meta")
     t = torch.zeros(4, dtype=torch.long, device="meta")
-    with xent_ext.patch():
-        assert early_bound_cross_entropy(x, t).device.type == "meta"
-    with xent_ext.patch(z_loss=1e-4), pytest.raises(RuntimeError, match="z_loss"):
-        early_bound_cross_entropy(x, t)
+    for fn in (early_bound_cross_entropy, F.cross_entropy, nn.CrossEntropyLoss()):
+        with xent_ext.patch():
+            assert fn(x, t).device.type == "meta"
+        with xent_ext.patch(z_loss=1e-4), pytest.raises(RuntimeError, match="z_loss"):
+            fn(x, t)
     assert not xent_ext.is_patched()
 
 

@@ -32,7 +32,7 @@ _DISPATCH_KEYS = ("CPU", "CUDA", "AutogradCPU", "AutogradCUDA", "AutogradMeta", 
 _torch_own = torch.ops.aten.cross_entropy_loss.default.decompose
 
 
-def _runs_here(input: torch.Tensor) -> bool:
+def runs_here(input: torch.Tensor) -> bool:
     device = input.device.type
     return device == "cpu" or (device == "cuda" and has_cuda())
 
@@ -44,7 +44,7 @@ def make_kernel(current_options):
     def kernel(input, target, weight=None, reduction=1, ignore_index=-100,
                label_smoothing=0.0):
         options = current_options()
-        if reduction not in _REDUCTIONS or not _runs_here(input):
+        if reduction not in _REDUCTIONS or not runs_here(input):
             if options:
                 raise RuntimeError(
                     f"xent_ext.patch({', '.join(sorted(options))}=...): this call "

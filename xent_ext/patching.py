@@ -44,9 +44,12 @@ def _current_options() -> dict:
 @functools.wraps(_ORIGINAL)
 def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                            reduce=None, reduction="mean", label_smoothing=0.0):
-    if torch.overrides.has_torch_function_variadic(input, target, weight):
+    if (torch.overrides.has_torch_function_variadic(input, target, weight)
+            or not _aten_override.runs_here(input)):
         # Tensor subclasses and __torch_function__ modes: torch's own Python entry handles the
-        # protocol, then reaches aten::cross_entropy_loss, which is ours while patched.
+        # protocol, then reaches aten::cross_entropy_loss, which is ours while patched.  So do
+        # devices xent_ext has no kernels for: the operator's kernel decides (torch's, or an
+        # error when options are set).
         return _ORIGINAL(input, target, weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
