@@ -94,6 +94,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Distinct threads at::parallel_for used for `tasks` tasks in this extension's code.");
   m.def("empty_cpu_cache", &xent_cpu::empty_cache,
         "Free the cached CPU gradient buffers; returns the bytes released.");
+  m.def("cpu_cache_bytes", &xent_cpu::cached_bytes,
+        "Bytes of freed CPU gradient buffers the cache holds for reuse.");
   m.def("has_cuda", []() {
 #ifdef XENT_WITH_CUDA
     return true;

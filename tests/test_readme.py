@@ -1,4 +1,5 @@
-"""The README as a test: each ```python block runs as written, in a fresh namespace; the make
+"""The README as a test: each ```python block runs as written, in a fresh namespace (a block
+whose first line is `# needs: pkg[, pkg]` is skipped where those packages are missing); the make
 targets and bench command lines the READMEs show exist and parse; the version, torch pin and
 license it states are the package's, CI's and the LICENSE file's."""
 
@@ -38,11 +39,15 @@ def shell_commands(path: Path) -> list[str]:
 
 
 PYTHON_BLOCKS = fenced_blocks(README, {"python"})
+NEEDS = re.compile(r"# needs: ([\w., -]+)\n")
 
 
 @pytest.mark.parametrize("line, code", PYTHON_BLOCKS,
                          ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS])
 def test_python_block_runs_verbatim(line, code):
+    needs = NEEDS.match(code)
+    for package in needs.group(1).split(",") if needs else ():
+        pytest.importorskip(package.strip())
     try:
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
     finally:

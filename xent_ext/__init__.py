@@ -3,8 +3,8 @@
     import xent_ext
     loss = xent_ext.cross_entropy(logits, target)     # same signature as F.cross_entropy
     criterion = xent_ext.CrossEntropyLoss()            # same constructor as nn.CrossEntropyLoss
-    with xent_ext.patch():                             # route F.cross_entropy to xent_ext
-        ...
+    with xent_ext.patch():                             # every cross entropy through torch
+        ...                                            # runs xent_ext (see patching.py)
 
 `python -m xent_ext` prints what is in use (versions, CUDA, CPU instruction set, threads).
 """
@@ -16,7 +16,7 @@ from . import _torch_check
 _torch_check.check()
 
 from . import _ops, reference
-from ._C import cpu_isa, empty_cpu_cache, set_cpu_isa
+from ._C import cpu_cache_bytes, cpu_isa, empty_cpu_cache, set_cpu_isa
 from ._capabilities import about, cuda_available, has_cuda
 from ._version import __version__
 from .functional import cross_entropy
@@ -28,7 +28,7 @@ from .patching import is_patched, patch, unpatch
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
            "patch", "unpatch", "is_patched", "reference",
            "cpu_isa", "set_cpu_isa", "has_cuda", "cuda_available", "about", "empty_cpu_cache",
-           "_ops", "__version__", "distributed"]
+           "cpu_cache_bytes", "_ops", "__version__", "distributed"]
 
 
 def __getattr__(name: str):

@@ -14,11 +14,22 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 
+// The policy, so that resident memory follows torch's own allocator in a loop whose batch size
+// varies (dynamic padding) and the steady state still reuses its buffer:
+// - only buffers of the most recently requested size are kept: a request of another size frees
+//   the others first (a shape that changed is not coming back soon, and keeping every size
+//   seen would grow without bound), and a buffer of another size handed back is freed;
+// - at most kMaxBuffers of them (two losses alive at once, e.g. a loss and an auxiliary one);
+// - never more than XENT_CPU_CACHE_MB in all.
+// So the cache holds at most two gradients of the current shape, and nothing of the others.
+constexpr size_t kMaxBuffers = 2;
+
 struct Cache {
   std::mutex mu;
   std::vector<std::pair<size_t, void*>> free_list;  // (bytes, pointer)
   size_t cached = 0;
   size_t limit = 0;
+  size_t last_request = 0;  // bytes of the newest request
 
   Cache() { limit = limit_from_env() << 20; }
 
@@ -38,48 +49,55 @@ struct Cache {
   }
 
   void* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu);
-    for (size_t i = 0; i < free_list.size(); ++i) {
-      if (free_list[i].first == bytes) {
-        void* p = free_list[i].second;
-        free_list.erase(free_list.begin() + i);
-        cached -= bytes;
-        return p;
-      }
-    }
-    return nullptr;
-  }
-
-  // Keeps the newest buffers: the oldest are freed first to make room, so buffers of shapes no
-  // longer in use do not crowd out the current one.
-  void give_back(void* p, size_t bytes) {
     std::vector<void*> evicted;
+    void* found = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (bytes > limit) {
-        evicted.push_back(p);
-      } else {
-        size_t drop = 0;
-        while (cached + bytes > limit) {
-          evicted.push_back(free_list[drop].second);
-          cached -= free_list[drop].first;
-          ++drop;
-        }
-        free_list.erase(free_list.begin(), free_list.begin() + drop);
-        free_list.emplace_back(bytes, p);
-        cached += bytes;
+      if (bytes != last_request) {
+        last_request = bytes;
+        for (auto& entry : free_list) evicted.push_back(entry.second);
+        free_list.clear();
+        cached = 0;
+      } else if (!free_list.empty()) {
+        found = free_list.back().second;
+        free_list.pop_back();
+        cached -= bytes;
       }
     }
-    for (void* q : evicted) std::free(q);
+    for (void* q : evicted) std::free(q);  // outside the lock: munmap can take a while
+    return found;
+  }
+
+  void give_back(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (bytes == last_request && free_list.size() < kMaxBuffers && cached + bytes <= limit) {
+        free_list.emplace_back(bytes, p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
   }
 
   int64_t release_all() {
+    std::vector<std::pair<size_t, void*>> entries;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      entries.swap(free_list);
+      cached = 0;
+    }
+    int64_t released = 0;
+    for (auto& entry : entries) {
+      released += static_cast<int64_t>(entry.first);
+      std::free(entry.second);
+    }
+    return released;
+  }
+
+  int64_t bytes() {
     std::lock_guard<std::mutex> lock(mu);
-    const size_t released = cached;
-    for (auto& entry : free_list) std::free(entry.second);
-    free_list.clear();
-    cached = 0;
-    return static_cast<int64_t>(released);
+    return static_cast<int64_t>(cached);
   }
 };
 
@@ -121,6 +139,10 @@ at::Tensor empty_like_cached(const at::Tensor& like) {
 
 int64_t empty_cache() {
   return cache().release_all();
+}
+
+int64_t cached_bytes() {
+  return cache().bytes();
 }
 
 }  // namespace xent_cpu
