@@ -96,14 +96,20 @@ def _check_options(input: Tensor, target: Tensor, weight: Tensor | None, reducti
         if weight.requires_grad:
             raise RuntimeError("cross_entropy is not differentiable with respect to argument "
                                "'weight'. This input cannot have requires_grad True.")
+    _check_llm_options("cross_entropy", z_loss, softcap, logit_scale)
+    return red
+
+
+def _check_llm_options(fn: str, z_loss: float, softcap: float | None,
+                       logit_scale: float) -> None:
+    """The language-model options' ranges, for every entry point (`fn` names it)."""
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) these may be symbolic.
     if not (0.0 <= z_loss < math.inf):
-        raise ValueError(f"cross_entropy: z_loss must be a finite number >= 0, got {z_loss}")
+        raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
     if softcap is not None and not (0.0 < softcap < math.inf):
-        raise ValueError(f"cross_entropy: softcap must be a finite number > 0, got {softcap}")
+        raise ValueError(f"{fn}: softcap must be a finite number > 0, got {softcap}")
     if not (-math.inf < logit_scale < math.inf):
-        raise ValueError(f"cross_entropy: logit_scale must be finite, got {logit_scale}")
-    return red
+        raise ValueError(f"{fn}: logit_scale must be finite, got {logit_scale}")
 
 
 def _is_prob_target(input: Tensor, target: Tensor) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _linear_chunks, _linear_ops, _ops
-from .functional import _dtype_name, _z_loss_term
+from .functional import _check_llm_options, _dtype_name, _z_loss_term
 
 
 def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
@@ -85,14 +85,7 @@ def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError("label_smoothing must be between 0.0 and 1.0. Got: "
                            f"{label_smoothing}")
-    if not (0.0 <= z_loss < math.inf):
-        raise ValueError(f"linear_cross_entropy: z_loss must be a finite number >= 0, got "
-                         f"{z_loss}")
-    if softcap is not None and not (0.0 < softcap < math.inf):
-        raise ValueError(f"linear_cross_entropy: softcap must be a finite number > 0, got "
-                         f"{softcap}")
-    if not (-math.inf < logit_scale < math.inf):
-        raise ValueError(f"linear_cross_entropy: logit_scale must be finite, got {logit_scale}")
+    _check_llm_options("linear_cross_entropy", z_loss, softcap, logit_scale)
     if chunk_size is not None and chunk_bytes is not None:
         raise ValueError("linear_cross_entropy: pass chunk_size or chunk_bytes, not both")
     if chunk_size is not None and chunk_size < 1:
