@@ -115,3 +115,70 @@ def test_peak_memory_half_weight_accumulator():
     small, large = (_extra_bytes(ours, n, h, v, torch.bfloat16) for n in (512, 4096))
     assert large - small <= 16 * (4096 - 512) + (64 << 10), (small, large)
     assert large <= chunk * v * 2 + v * h * 4 + v * h * 2 + 16 * 4096 + (256 << 10)
+
+
+# ---- torch.func transforms and forward-mode AD: the logits path, torch's derivatives --------
+def _func_case(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(11, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 11, (2, 3), generator=g)
+    t[0, 1] = -100
+    return x, w, b, t
+
+
+_FUNC_OPTIONS = [dict(), dict(reduction="none", label_smoothing=0.2, softcap=3.0),
+                 dict(reduction="sum", z_loss=1e-2, logit_scale=0.7)]
+
+
+def _torch_loss(x, w, b, t, options):
+    o = dict(options)
+    scale, cap, z = o.pop("logit_scale", 1.0), o.pop("softcap", None), o.pop("z_loss", 0.0)
+    red = o.pop("reduction", "mean")
+    y = F.linear(x, w, b) * scale
+    if cap is not None:
+        y = cap * torch.tanh(y / cap)
+    rows = F.cross_entropy(y.flatten(0, -2), t.reshape(-1), reduction="none", **o)
+    lse = torch.logsumexp(y.flatten(0, -2), -1)
+    valid = t.reshape(-1) != -100
+    rows = rows + torch.where(valid, z * lse * lse, torch.zeros_like(lse))
+    if red == "none":
+        return rows.reshape(t.shape)
+    return rows.sum() if red == "sum" else rows.sum() / valid.sum()
+
+
+@pytest.mark.parametrize("options", _FUNC_OPTIONS, ids=str)
+def test_forward_mode_ad_matches_torch(options):
+    import torch.autograd.forward_ad as fwAD
+    x, w, b, t = _func_case()
+    tangents = [torch.randn_like(v) for v in (x, w, b)]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(v, dv) for v, dv in zip((x, w, b), tangents, strict=True)]
+        ours = fwAD.unpack_dual(xent_ext.linear_cross_entropy(*duals[:2], t, duals[2],
+                                                              **options))
+        ref = fwAD.unpack_dual(_torch_loss(*duals[:2], duals[2], t, options))
+    assert ours.tangent is not None
+    torch.testing.assert_close(ours.primal, ref.primal)
+    torch.testing.assert_close(ours.tangent, ref.tangent)
+
+
+@pytest.mark.parametrize("options", _FUNC_OPTIONS, ids=str)
+def test_torch_func_grad_hessian_vmap(options):
+    x, w, b, t = _func_case()
+
+    def ours(x, w):
+        return xent_ext.linear_cross_entropy(x, w, t, b, **options).sum()
+
+    def ref(x, w):
+        return _torch_loss(x, w, b, t, options).sum()
+
+    for a, e in zip(torch.func.grad(ours, argnums=(0, 1))(x, w),
+                    torch.func.grad(ref, argnums=(0, 1))(x, w), strict=True):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(torch.func.hessian(ours, argnums=1)(x, w),
+                               torch.func.hessian(ref, argnums=1)(x, w))
+    batched = torch.func.vmap(
+        lambda xx, tt: xent_ext.linear_cross_entropy(xx, w, tt, b, **options).sum())(x, t)
+    torch.testing.assert_close(batched, torch.stack(
+        [_torch_loss(xx, w, b, tt, options).sum() for xx, tt in zip(x, t, strict=True)]))

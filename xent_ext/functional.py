@@ -255,16 +255,17 @@ def _dtensor_type():
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
-def _needs_composite(x3: Tensor, t3: Tensor) -> bool:
-    """True under torch.func transforms (grad, vmap, jacrev, hessian, ...) and when a logit or
-    probability-target tensor carries a forward-mode tangent (dual tensors)."""
+def _needs_composite(*tensors: Tensor | None) -> bool:
+    """True under torch.func transforms (grad, vmap, jacrev, hessian, ...) and when one of
+    `tensors` (logits, probability targets; a linear layer's input and parameters) carries a
+    forward-mode tangent (dual tensors)."""
     if torch.compiler.is_compiling():
         return False  # what the compiled graph sees; torch.func over torch.compile is its own
     if torch._C._are_functorch_transforms_active():
         return True
     if _fwAD._current_level < 0:
         return False
-    return any(_fwAD.unpack_dual(t).tangent is not None for t in (x3, t3))
+    return any(t is not None and _fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_inplace(input: Tensor, x3: Tensor) -> None:

@@ -16,11 +16,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _linear_chunks, _linear_ops, _ops
-from .functional import _check_llm_options, _dtype_name, _z_loss_term
+from .functional import (
+    _check_llm_options,
+    _dtype_name,
+    _needs_composite,
+    _z_loss_term,
+    cross_entropy,
+)
 
 
 def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
@@ -94,6 +101,16 @@ def _check(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
         raise ValueError(f"linear_cross_entropy: chunk_bytes must be >= 1, got {chunk_bytes}")
 
 
+def _rows_shaped(out, row_shape, red, return_z_loss, return_lse):
+    """The logits path's results, computed on (N, C) rows, with the per-row ones (the loss and
+    z-loss term for 'none', the lse) back in the target's shape."""
+    outs = list(out) if isinstance(out, tuple) else [out]
+    none = red == _ops._REDUCTION_NONE
+    per_row = [none] + ([none] if return_z_loss else []) + ([True] if return_lse else [])
+    outs = [o.reshape(row_shape) if r else o for o, r in zip(outs, per_row, strict=True)]
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
 def linear_cross_entropy(
     input: Tensor,
     weight: Tensor,
@@ -135,12 +152,23 @@ def linear_cross_entropy(
     they go through the GEMMs masked (the row op gives them zero loss and gradient), so that
     nothing synchronises with the host.
 
+    Under torch.func transforms (grad, vmap, hessian, ...) and forward-mode AD the logits are
+    written out in full and the loss is xent_ext.cross_entropy's there (its ATen composite):
+    the chunked operators have no forward derivative or batching rule.
+
     Returns the loss, or (loss, z_loss term?, lse?) in that order when asked for, as
     xent_ext.cross_entropy.
     """
     red = _legacy_reduction.get_enum(reduction)
     _check(input, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
            logit_scale, chunk_size, chunk_bytes)
+    if _needs_composite(input, weight, bias):
+        out = cross_entropy(F.linear(input, weight, bias).flatten(0, -2), target.reshape(-1),
+                            class_weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=label_smoothing, z_loss=z_loss,
+                            return_z_loss=return_z_loss, softcap=softcap,
+                            logit_scale=logit_scale, return_lse=return_lse)
+        return _rows_shaped(out, tuple(target.shape), red, return_z_loss, return_lse)
     row_shape = tuple(target.shape)
     x2 = input.reshape(-1, input.shape[-1])
     t1 = target.reshape(-1).long()
