@@ -6,7 +6,8 @@ slice's statistics (vocab_stats) and dropped; then the two all-reduces of the vo
 loss over all rows.  Nothing of size N x V_local is kept: the backward recomputes each chunk's
 logits, turns them into their gradient in place (vocab_grad_), and accumulates d input
 (partial: this rank's classes) and d weight; ONE all-reduce SUM of d input over the group ends
-it.  Peak extra memory: one chunk of logits, plus d input in float32.
+it.  Peak extra memory: one chunk of logits, plus d input in float32 and, for half-precision
+weights over more than one chunk, d weight in float32.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import _vocab_ops
+from .. import _linear_chunks, _vocab_ops
 from ..functional import _check_options
 from . import _collectives
 from ._vocab import check_target, loss_and_coef, make_config, outputs, rows_from_stats, scaled_coef
@@ -73,7 +74,10 @@ class _LinearVocabCE(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        # d weight accumulated as linear_cross_entropy's is: by GEMMs into one float32 buffer
+        # (no per-chunk temporary of the weight's size), or one GEMM when there is one chunk.
+        dw = (_linear_chunks._WeightGradAccumulator(w, chunk, x.shape[0] <= chunk)
+              if need_w else None)
         db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b else None
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk]
@@ -83,14 +87,14 @@ class _LinearVocabCE(torch.autograd.Function):
             if dx is not None:
                 dx[i:i + chunk] = g @ w
             if dw is not None:
-                dw += (g.t() @ xc).to(acc)
+                dw.add(g, xc)
             if db is not None:
                 db += g.sum(0, dtype=acc)
         if dx is not None:
             # d input is the sum of every rank's part (each saw its own classes): the one
             # collective of the backward.
             dx = _collectives.all_reduce(dx, "sum", cfg.group).to(x.dtype)
-        return (dx, dw.to(w.dtype) if dw is not None else None,
+        return (dx, dw.result().to(w.dtype) if dw is not None else None,
                 db.to(b.dtype) if db is not None else None, None, None, None, None)
 
 
