@@ -81,7 +81,7 @@ def test_chunk_sizes_agree(chunk):
 
 
 def test_chunk_bytes_sets_rows():
-    from xent_ext._linear_chunks import MIN_CHUNK_ROWS, chunk_rows
+    from xent_ext._linear_plan import MIN_CHUNK_ROWS, chunk_rows
 
     assert chunk_rows(10_000, 1000, torch.float32, None, 4 * 1000 * 512) == 512
     assert chunk_rows(10_000, 1000, torch.float32, None, 1) == MIN_CHUNK_ROWS

@@ -37,23 +37,33 @@ def test_compile_fullgraph(reduction):
         torch.testing.assert_close(a, r)
 
 
-def _fwd_args(reduction, need):
+# (rows per chunk or piece, classes per slab): the rows strategy, and class slabs of 3 of the
+# 7 classes in pieces of 4 of the 9 rows.
+TILES = {"rows": (4, 0), "slabs": (4, 3)}
+
+
+def _fwd_args(reduction, need, tiles):
     x, w, t, b, cw = make_case(9, 5, 7, torch.float64, 3, class_weight=True)
     x, w, b = (a.requires_grad_() for a in (x, w, b))
-    return (x, w, t.reshape(-1), b, cw, reduction, -100, 0.1, 1.2, 6.0, 1e-3, 4, False,
-            *need)
+    return (x, w, t.reshape(-1), b, cw, reduction, -100, 0.1, 1.2, 6.0, 1e-3, *TILES[tiles],
+            False, *need)
 
 
+@pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
-def test_opcheck_fwd(reduction):
-    torch.library.opcheck(_linear_ops.fwd, _fwd_args(reduction, (True, True, True)))
-    torch.library.opcheck(_linear_ops.fwd, _fwd_args(reduction, (True, False, False)))
+def test_opcheck_fwd(reduction, tiles):
+    torch.library.opcheck(_linear_ops.fwd, _fwd_args(reduction, (True, True, True), tiles))
+    torch.library.opcheck(_linear_ops.fwd, _fwd_args(reduction, (True, False, False), tiles))
 
 
-def test_opcheck_bwd():
+@pytest.mark.parametrize("tiles", list(TILES))
+def test_opcheck_bwd(tiles):
     x, w, t, b, cw = make_case(9, 5, 7, torch.float64, 4, class_weight=True)
     g = torch.rand(9, dtype=torch.float64)
-    torch.library.opcheck(_linear_ops.bwd, (g, x, w, t, b, cw, -100, 0.1, 1.0, 0.0, 0.0, 4,
+    options = (-100, 0.1, 1.0, 0.0, 0.0)
+    lse = _linear_ops.fwd(x, w, t, b, cw, 0, *options, *TILES[tiles], True, False, False,
+                          False)[1]
+    torch.library.opcheck(_linear_ops.bwd, (g, x, w, t, b, cw, *options, *TILES[tiles], lse,
                                             True, True, True))
 
 

@@ -1,4 +1,5 @@
-"""The chunk loop of the fused linear + cross-entropy, in ATen operations.
+"""The rows strategy of the fused linear + cross-entropy (_linear_plan.py): its chunk loop, in
+ATen operations.
 
 A chunk of rows at a time: its logits are produced by one GEMM into a reused buffer, the fused
 row op (cross_entropy_fwd_inplace_) turns them into per-row loss, log-sum-exp and, in place,
@@ -25,27 +26,6 @@ from torch import Tensor
 from . import _ops
 
 _NONE = _ops._REDUCTION_NONE
-
-# The logits buffer's default budget, and the fewest rows a chunk has whatever the budget:
-# fewer rows make the weight-gradient GEMM (inner dimension = chunk rows) memory-bound on its
-# V x H output, and on CUDA leave the GEMMs too small to fill the device.
-DEFAULT_CHUNK_BYTES = 256 << 20
-MIN_CHUNK_ROWS = 256
-
-
-def chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_size: int | None,
-               chunk_bytes: int | None) -> int:
-    """Rows per chunk: chunk_size when given, else as many rows of logits as fit in
-    chunk_bytes (default DEFAULT_CHUNK_BYTES), at least MIN_CHUNK_ROWS, rounded down to a
-    multiple of 64 rows above that (GEMM tiles); never more than n (and at least 1)."""
-    if chunk_size is not None:
-        rows = chunk_size
-    else:
-        budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-        rows = budget // max(1, v * dtype.itemsize)
-        rows = max(MIN_CHUNK_ROWS, rows // 64 * 64)
-    return max(1, min(rows, n))
-
 
 def _weight_slice_rows(v: int, h: int, rows: int) -> int:
     """Classes per slice of the weight-gradient GEMM where it cannot write float32 from half

@@ -34,25 +34,46 @@ def layout(label_smoothing: float, weighted: bool) -> dict[str, int]:
     return {name: i for i, name in enumerate(cols)}
 
 
+def _relative(stats: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """The slice's sum-exp and smoothing dot moved to a reference ref >= the slice's own
+    (ms_combine, dot_move).  A slice whose max is -inf adds nothing to the sum, but a NaN sum
+    must stay NaN (sum * 0, not 0); its dot, taken against 0, stays as it is."""
+    m = stats[:, _MAX]
+    scale = torch.where(m == -torch.inf, torch.zeros_like(m), (m - ref).exp())
+    moved = (m != ref) & (m != -torch.inf)
+    dot = stats[:, _DOT]
+    return stats[:, _SUM] * scale, torch.where(moved, dot + stats[:, _MASS] * (m - ref), dot)
+
+
+def merge(a: Tensor, b: Tensor, label_smoothing: float) -> Tensor:
+    """The statistics (N, 7) of two slices of the same rows as those of their union (the
+    class slabs of one weight, _class_slabs.py): one reference, the larger; the other columns
+    summed."""
+    ref = torch.maximum(a[:, _MAX], b[:, _MAX])  # NaN propagates
+    out = a + b
+    out[:, _MAX] = ref
+    sum_a, dot_a = _relative(a, ref)
+    sum_b, dot_b = _relative(b, ref)
+    out[:, _SUM] = sum_a + sum_b
+    if label_smoothing > 0:  # else dot and mass are 0 and never read
+        out[:, _DOT] = dot_a + dot_b
+    return out
+
+
 def pack(stats: Tensor, gmax: Tensor, num_local: int, label_smoothing: float,
          weighted: bool) -> Tensor:
     """The slice's statistics relative to the row's global max gmax, ready to be summed over
     slices: (N + 1, k), k = 3 to 6 (see layout)."""
     col = layout(label_smoothing, weighted)
-    m = stats[:, _MAX]
     out = stats.new_zeros((stats.shape[0] + 1, len(col)))
-    # A slice whose max is -inf adds nothing, but a NaN sum must stay NaN: sum * 0, not 0.
-    scale = torch.where(m == -torch.inf, torch.zeros_like(m), (m - gmax).exp())
-    out[:-1, col["sum"]] = stats[:, _SUM] * scale
+    rel_sum, rel_dot = _relative(stats, gmax)
+    out[:-1, col["sum"]] = rel_sum
     out[:-1, col["y_t"]] = stats[:, _YT]
     out[:-1, col["hit"]] = stats[:, _HIT]
     if weighted:
         out[:-1, col["w_t"]] = stats[:, _WT]
     if "dot" in col:
-        # dot_move: sums taken against an all -inf slice's 0 stay so.
-        moved = (m != gmax) & (m != -torch.inf)
-        dot = stats[:, _DOT]
-        out[:-1, col["dot"]] = torch.where(moved, dot + stats[:, _MASS] * (m - gmax), dot)
+        out[:-1, col["dot"]] = rel_dot
         out[:-1, col["mass"]] = stats[:, _MASS]
     out[-1, 0] = float(num_local)
     return out
@@ -60,7 +81,8 @@ def pack(stats: Tensor, gmax: Tensor, num_local: int, label_smoothing: float,
 
 @dataclass
 class Rows:
-    """A row's combined statistics (all (N,) in the accumulation dtype, C a 0-dim tensor)."""
+    """A row's combined statistics (all (N,) in the accumulation dtype, C a 0-dim tensor or,
+    from rows_from_lse, a host number)."""
 
     ref: Tensor
     log_sum: Tensor
@@ -68,7 +90,7 @@ class Rows:
     y_t: Tensor
     w_t: Tensor
     valid: Tensor
-    num_classes: Tensor
+    num_classes: Tensor | float
     dot: Tensor | None
     mass: Tensor | None
 
@@ -91,6 +113,50 @@ def combine(summed: Tensor, gmax: Tensor, valid: Tensor, label_smoothing: float,
 def out_of_bounds(summed: Tensor, valid: Tensor) -> Tensor:
     """True for a non-ignored row whose target no slice holds (or more than one does)."""
     return valid & (summed[:-1, 2] != 1)  # layout: the hit count is column 2
+
+
+def check_targets(target: Tensor, bad: Tensor, name: str) -> None:
+    """A target that no class holds raises as torch ("Target N is out of bounds."): read on
+    the host for CPU tensors (no device to wait for), an asynchronous device assertion
+    elsewhere (and under torch.compile), so that nothing synchronises."""
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+        return
+    torch._assert_async(~bad.any(), f"{name}: target out of bounds")
+
+
+def local_rows(stats: Tensor, target: Tensor, num_classes: int, ignore_index: int,
+               label_smoothing: float, weighted: bool, name: str) -> Rows:
+    """The rows' normalisers when one process holds every class (the statistics merged over
+    the slabs of the whole weight): no collective, the slice's max is the row's."""
+    gmax = stats[:, _MAX]
+    packed = pack(stats, gmax, num_classes, label_smoothing, weighted)
+    valid = target != ignore_index
+    check_targets(target, out_of_bounds(packed, valid), name)
+    return combine(packed, gmax, valid, label_smoothing, weighted)
+
+
+def rows_from_lse(lse: Tensor, target: Tensor, class_weight: Tensor | None,
+                  num_classes: int, ignore_index: int, label_smoothing: float) -> Rows:
+    """The rows' normalisers for grad_coef from their log-sum-exp alone (the backward of
+    'none', which keeps only the lse): the reference is the lse itself and log_sum 0, so that
+    exp(y - ref) is the softmax.  Targets were checked by the forward."""
+    valid = target != ignore_index
+    zero = torch.zeros_like(lse)
+    mass = None
+    if class_weight is None:
+        w_t = torch.ones_like(lse)
+        if label_smoothing > 0:
+            mass = torch.full_like(lse, float(num_classes))
+    else:
+        w = class_weight.to(lse.dtype)
+        w_t = w[torch.where(valid, target, torch.zeros_like(target))]
+        if label_smoothing > 0:
+            mass = w.sum().expand_as(lse)
+    # num_classes as a host number: a tensor made from it would be a host-to-device copy.
+    return Rows(ref=lse, log_sum=zero, lse=lse, y_t=zero, w_t=w_t, valid=valid,
+                num_classes=float(num_classes), dot=None, mass=mass)
 
 
 def row_loss(r: Rows, label_smoothing: float, z_loss: float) -> Tensor:

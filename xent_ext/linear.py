@@ -3,12 +3,14 @@
     linear_cross_entropy(input, weight, target, bias) == cross_entropy(F.linear(input, weight,
     bias), target)
 
-with every option of xent_ext.cross_entropy.  The logits are produced a chunk of rows at a
-time into one reused buffer and turned into loss and gradient at once (_linear_chunks.py), so
-the memory beyond the inputs, the parameters and their gradients is one chunk x V buffer, a
-float32 accumulator for the weight gradient (for half-precision weights) and O(N) vectors,
-whatever N.  Argument checks follow F.linear and F.cross_entropy (same exception types,
-messages naming the argument); nothing here reads a tensor's values on CUDA.
+with every option of xent_ext.cross_entropy.  The logits are produced a tile at a time into
+one reused buffer and turned into loss and gradient at once, by chunks of rows
+(_linear_chunks.py) or by slabs of classes (_class_slabs.py), as _linear_plan.py decides from
+the memory budget: beyond the inputs, the parameters and their gradients a call holds one
+tile, O(N) vectors and a float32 accumulator (of d weight for rows chunks of a half weight, of
+d input for class slabs of half inputs); never anything of size N x V.  Argument checks follow
+F.linear and F.cross_entropy (same exception types, messages naming the argument); nothing
+here reads a tensor's values on CUDA.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _linear_chunks, _linear_ops, _ops
+from . import _linear_ops, _linear_plan, _ops
 from .functional import (
     _check_llm_options,
     _dtype_name,
@@ -139,13 +141,15 @@ def linear_cross_entropy(
     return_z_loss, softcap, logit_scale, return_lse mean what they mean in
     xent_ext.cross_entropy.  Class-probability targets are not supported (they raise).
 
-    Memory: the logits are produced `chunk_size` rows at a time (default: as many rows as fit
-    in `chunk_bytes` of logits, 256 MiB unless given, and at least 256 rows), into one reused
-    buffer that the fused row op overwrites with the gradient, consumed at once by the GEMMs
-    of d input, d weight and d bias.  The weight and bias gradients are accumulated in float32
-    (float64 for float64) and rounded once.  For 'mean' and 'sum' the gradients are computed
-    in the forward and the backward only scales them; for 'none' the backward recomputes the
-    logits chunk by chunk, exact for any incoming gradient.
+    Memory: the logits are produced a tile at a time into one reused buffer of at most
+    `chunk_bytes` (default: on the CPU 32 MiB for 16-bit dtypes, 12 MiB otherwise; 256 MiB on
+    CUDA), either `chunk_size` rows (at least 256 by default) x all classes, three GEMMs, or,
+    when that chunk and its float32 weight-gradient accumulator would not fit, every row x a
+    slab of classes in two passes (statistics, then gradients), four GEMMs, each slab's weight
+    gradient one GEMM.  The weight and bias gradients are accumulated in float32 (float64 for
+    float64) and rounded once.  For 'mean' and 'sum' the gradients are computed in the
+    forward and the backward only scales them; for 'none' the backward recomputes the logits
+    tile by tile, exact for any incoming gradient.
 
     Ignored rows: on the CPU they are dropped before the GEMMs (a compaction: the host knows
     their count at no cost), unless return_lse=True asks for every row's log-sum-exp; on CUDA
@@ -173,12 +177,14 @@ def linear_cross_entropy(
     x2 = input.reshape(-1, input.shape[-1])
     t1 = target.reshape(-1).long()
     n, v = x2.shape[0], weight.shape[0]
-    rows = _linear_chunks.chunk_rows(n, v, input.dtype, chunk_size, chunk_bytes)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (x2, weight, bias)]
+    tiles = _linear_plan.plan(n, v, x2.shape[1], input.dtype, input.device, chunk_size,
+                              chunk_bytes, need[1])
     loss, lse, _dx, _dw, _db = _linear_ops.fwd(
         x2, weight, t1, bias, class_weight, red, ignore_index, float(label_smoothing),
-        float(logit_scale), float(softcap or 0.0), float(z_loss), rows, return_lse, *need)
+        float(logit_scale), float(softcap or 0.0), float(z_loss), tiles.rows, tiles.slab,
+        return_lse, *need)
     if red == _ops._REDUCTION_NONE:
         loss = loss.reshape(row_shape)
     if not (return_z_loss or return_lse):
