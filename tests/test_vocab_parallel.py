@@ -35,6 +35,11 @@ def test_linear_cross_entropy_chunked():
     assert not failures, "\n".join(failures[:20])
 
 
+def test_forward_ad_and_torch_func_raise_clearly():
+    failures = run_group(2, "tests.vocab_parallel_cases:run_autograd_modes")
+    assert not failures, "\n".join(failures[:20])
+
+
 def test_example_runs_under_torchrun():
     import subprocess
     import sys

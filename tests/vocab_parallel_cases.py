@@ -269,8 +269,9 @@ def run_dtensor(rank, world, mesh_shape):
         x3 = xr.reshape(shape[0], c, -1)
         t3 = t.reshape(shape[0], -1)
         ref, _ = _composite.cross_entropy(x3, t3, w, {"none": 0, "mean": 1, "sum": 2}[red],
-                                          -100, kw.get("label_smoothing", 0.0), 1.0,
-                                          kw.get("softcap", 0.0), kw.get("z_loss", 0.0))
+                                          -100, kw.get("label_smoothing", 0.0),
+                                          kw.get("logit_scale", 1.0), kw.get("softcap", 0.0),
+                                          kw.get("z_loss", 0.0))
         ref = ref.reshape(t.shape) if red == "none" else ref
         ref.sum().backward()
         got = loss.full_tensor()
@@ -297,9 +298,14 @@ def run_dtensor(rank, world, mesh_shape):
 
 def run_linear(rank, world, sizes):
     """vocab_parallel_linear_cross_entropy against the loss of the full head in float64:
-    gradients of input, the local head rows and bias; two all-reduces forward, one backward."""
+    gradients of input, the local head rows and bias; two all-reduces forward, one backward.
+    chunk: rows per tile (chunk_size), None (the default budget), or ("bytes", k) for
+    chunk_bytes=k with slabs of 2 classes and pieces of 4 rows allowed (this process only),
+    so that a rank's shard is several slabs and the 9 rows three pieces."""
     import xent_ext.distributed as xd
+    from xent_ext import _linear_plan
 
+    _linear_plan.MIN_SLAB_CLASSES, _linear_plan.MIN_SLAB_ROWS = 2, 4
     count_collectives()
     msgs = []
     g = torch.Generator().manual_seed(11)
@@ -310,7 +316,11 @@ def run_linear(rank, world, sizes):
             (torch.float64, {"reduction": "none", "label_smoothing": 0.1}, 4),
             (torch.float64, {"z_loss": 1e-3, "softcap": 3.0, "weighted": True}, 1),
             (torch.float32, {"label_smoothing": 0.2}, 5),
-            (torch.bfloat16, {}, 2)]):
+            (torch.bfloat16, {}, 2),
+            (torch.float64, {"label_smoothing": 0.1, "weighted": True}, ("bytes", 64)),
+            (torch.float64, {"reduction": "none", "z_loss": 1e-2}, ("bytes", 64)),
+            (torch.float64, {"softcap": 2.0, "logit_scale": 0.6}, ("bytes", 9 * 2 * 8)),
+            (torch.bfloat16, {"label_smoothing": 0.05}, ("bytes", 16))]):
         kw = dict(opts)
         weighted = kw.pop("weighted", False)
         n = 9
@@ -329,8 +339,10 @@ def run_linear(rank, world, sizes):
         wl = w[start:start + v].clone().requires_grad_()
         bl = b[start:start + v].clone().requires_grad_()
         CALLS.clear()
-        loss = xd.vocab_parallel_linear_cross_entropy(xl, wl, t, bias=bl, weight=cw,
-                                                      chunk_size=chunk, **kw)
+        size = dict(chunk_bytes=chunk[1]) if isinstance(chunk, tuple) else dict(
+            chunk_size=chunk)
+        loss = xd.vocab_parallel_linear_cross_entropy(xl, wl, t, bias=bl, weight=cw, **size,
+                                                      **kw)
         fwd = list(CALLS)
         CALLS.clear()
         (loss.sum() if red == "none" else loss).backward()
@@ -356,8 +368,9 @@ def reference_loss(logits, t, cw, red, kw):
     loss, _ = _composite.cross_entropy(logits.unsqueeze(2), t.unsqueeze(1),
                                        cw.double() if cw is not None else None,
                                        {"none": 0, "mean": 1, "sum": 2}[red], -100,
-                                       kw.get("label_smoothing", 0.0), 1.0,
-                                       kw.get("softcap", 0.0), kw.get("z_loss", 0.0))
+                                       kw.get("label_smoothing", 0.0),
+                                       kw.get("logit_scale", 1.0), kw.get("softcap", 0.0),
+                                       kw.get("z_loss", 0.0))
     return loss.reshape(n) if red == "none" else loss
 
 
@@ -444,4 +457,45 @@ def check_saved(rank, world, sizes):
     if any(s[1] != torch.bfloat16 or s[2] != x.data_ptr() for s in big):
         msgs.append(f"rank {rank}: the backward saved an N x V tensor other than the logits: "
                     f"{saved}")
+    return msgs
+
+
+def run_autograd_modes(rank, world, _payload):
+    """Forward-mode AD and torch.func transforms raise a clear NotImplementedError from both
+    functions (no silent wrong tangent, no torch-internal error about a missing jvp)."""
+    import torch.autograd.forward_ad as fwAD
+
+    import xent_ext.distributed as xd
+
+    msgs = []
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 4, 3, 5
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64)
+    logits = x @ w.t()
+    t = torch.randint(0, v * world, (n,), generator=g)
+    calls = {
+        "vocab_parallel_cross_entropy": lambda a: xd.vocab_parallel_cross_entropy(a, t),
+        "vocab_parallel_linear_cross_entropy":
+            lambda a: xd.vocab_parallel_linear_cross_entropy(a, w, t),
+    }
+    inputs = {"vocab_parallel_cross_entropy": logits,
+              "vocab_parallel_linear_cross_entropy": x}
+    for name, fn in calls.items():
+        a = inputs[name]
+        for mode in ("forward AD", "torch.func.grad", "vmap"):
+            try:
+                if mode == "forward AD":
+                    with fwAD.dual_level():
+                        fn(fwAD.make_dual(a, torch.ones_like(a)))
+                elif mode == "torch.func.grad":
+                    torch.func.grad(lambda b, f=fn: f(b).sum())(a)
+                else:
+                    torch.func.vmap(lambda b, f=fn: f(b.unsqueeze(0)).sum())(a)
+                msgs.append(f"rank {rank} {name} {mode}: no error")
+            except NotImplementedError as e:
+                if name not in str(e) or "forward-mode AD" not in str(e):
+                    msgs.append(f"rank {rank} {name} {mode}: unclear message {e}")
+            except Exception as e:  # noqa: BLE001 - the point is which error comes out
+                msgs.append(f"rank {rank} {name} {mode}: {type(e).__name__}: {e}")
     return msgs

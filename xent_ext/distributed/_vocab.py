@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _ops, _vocab_math, _vocab_ops
 from .._vocab_ops import _MAX
-from ..functional import _check_inplace, _check_options, _dtype_name
+from ..functional import _check_inplace, _check_options, _dtype_name, _needs_composite
 from . import _collectives
 
 _INDEX_DTYPES = (torch.int64, torch.uint8)
@@ -63,24 +63,21 @@ def rows_from_stats(st: Tensor, t: Tensor, num_local: int, cfg: _Config, weighte
 
 
 def _check_bounds(t: Tensor, packed: Tensor, valid: Tensor, rows, cfg: _Config) -> None:
-    """A target no rank holds raises as torch ("Target N is out of bounds."): read on the host
-    for CPU tensors (no device to wait for), an asynchronous device assertion elsewhere."""
-    bad = _vocab_math.out_of_bounds(packed, valid)
-    bad_weight = None
-    if cfg.weight_numel is not None:
-        bad_weight = rows.num_classes != cfg.weight_numel
+    """A target no rank holds raises as torch (_vocab_math.check_targets); so does a full
+    class-weight vector whose length is not the vocabulary's."""
+    _vocab_math.check_targets(t, _vocab_math.out_of_bounds(packed, valid),
+                              "vocab_parallel_cross_entropy")
+    if cfg.weight_numel is None:
+        return
+    bad_weight = rows.num_classes != cfg.weight_numel
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bad.any():
-            raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
-        if bad_weight is not None and bool(bad_weight):
+        if bool(bad_weight):
             raise RuntimeError(f"weight tensor should be defined either for all "
                                f"{int(rows.num_classes)} classes or for this rank's "
                                f"classes but got weight tensor of {cfg.weight_numel}")
         return
-    torch._assert_async(~bad.any(), "vocab_parallel_cross_entropy: target out of bounds")
-    if bad_weight is not None:
-        torch._assert_async(~bad_weight, "vocab_parallel_cross_entropy: the weight's length "
-                            "is neither the vocabulary size nor the local one")
+    torch._assert_async(~bad_weight, "vocab_parallel_cross_entropy: the weight's length "
+                        "is neither the vocabulary size nor the local one")
 
 
 def _reduce(rows_loss: Tensor, zrows: Tensor | None, rows, cfg: _Config):
@@ -226,6 +223,17 @@ def make_config(like: Tensor, v: int, group, vocab_start, vocab_size, weight, re
     return cfg, weight
 
 
+def check_autograd_mode(name: str, *tensors: Tensor | None) -> None:
+    """Forward-mode AD and torch.func transforms would need a forward derivative and batching
+    rules through the collectives, which these functions do not have: a clear error instead of
+    torch's generic one (reverse mode, loss.backward(), is what they support)."""
+    if _needs_composite(*tensors):
+        raise NotImplementedError(
+            f"{name}: forward-mode AD (dual tensors) and torch.func transforms (grad, vmap, "
+            f"jacrev, hessian, ...) are not supported; use reverse mode (loss.backward() or "
+            f"torch.autograd.grad)")
+
+
 def check_target(like: Tensor, target: Tensor, expected: tuple) -> None:
     if target.dtype not in _INDEX_DTYPES:
         raise RuntimeError("expected target dtype to be Long or Byte, but got "
@@ -276,6 +284,7 @@ def vocab_parallel_cross_entropy(
     if local_logits.dim() == 0:
         raise RuntimeError("vocab_parallel_cross_entropy: local_logits must have at least one "
                            "dimension (the classes, last)")
+    check_autograd_mode("vocab_parallel_cross_entropy", local_logits, weight)
     check_target(local_logits, target, tuple(local_logits.shape[:-1]))
     v = local_logits.shape[-1]
     cfg, weight = make_config(local_logits, v, group, vocab_start, _vocab_size, weight, red,
